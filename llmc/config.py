@@ -1,0 +1,223 @@
+"""Configuration: the model shape, the training run, and the CLI generated from them.
+
+One dataclass (`TrainConfig`) describes a run; `python -m llmc.train --help` is generated from
+its fields, so a field added here is a flag there. Values left as `None` are resolved by
+`resolve()` once the device is known (the no-flag demo is d12 on a GPU, a small model on a CPU).
+
+Model presets follow llm.c: dN is N layers with the GPT-2 family's width and heads.
+Shape notation used across llmc: B batch, T sequence length, C channels (n_embd), NH heads,
+HS head size (C // NH), L layers, V vocabulary (50257), Vp padded vocabulary (50304).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the flag and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_layer: int
+    n_head: int
+    n_embd: int
+    vocab_size: int = 50257  # V: the GPT-2 tokenizer's vocabulary
+    padded_vocab_size: int = 50304  # Vp: V rounded up to a multiple of 128 for the matmuls
+    block_size: int = 1024  # maximum sequence length (rows of wpe)
+
+    def __post_init__(self):
+        if self.n_layer < 1 or self.n_head < 1 or self.n_embd < 1:
+            raise ConfigError(f"model sizes must be positive, got {self}")
+        if self.n_embd % self.n_head != 0:
+            raise ConfigError(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                "pick --n-embd as a multiple of --n-head")
+        if self.padded_vocab_size < self.vocab_size:
+            raise ConfigError("padded_vocab_size must be >= vocab_size")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+
+# name -> (n_layer, n_head, n_embd), as llm.c's -e dN presets.
+PRESETS = {
+    "d12": (12, 12, 768),    # GPT-2 124M
+    "d24": (24, 16, 1024),   # GPT-2 350M
+    "d36": (36, 20, 1280),   # GPT-2 774M
+    "d48": (48, 25, 1600),   # GPT-2 1558M
+    "d6": (6, 6, 384),       # a small model for CPU runs and quick GPU checks
+    "d4": (4, 4, 128),       # the CPU demo: a few minutes for a visible loss drop
+}
+
+
+def model_config(name: str, **overrides) -> ModelConfig:
+    """A preset by name ("d12", ...), with optional field overrides."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)} "
+                          "or give --n-layer/--n-head/--n-embd")
+    n_layer, n_head, n_embd = PRESETS[name]
+    fields = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return ModelConfig(**fields)
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of `python -m llmc.train`. `None` means: resolved from the device."""
+    device: str = field(default="auto", metadata=dict(
+        choices=("auto", "cuda", "cpu"), help="where to train; auto picks cuda when a GPU is visible"))
+    model: Optional[str] = field(default=None, metadata=dict(
+        help="preset: d12 (124M), d24 (350M), d36 (774M), d48 (1558M), d6, d4 "
+             "[default: d12 on cuda, d4 on cpu]"))
+    n_layer: Optional[int] = field(default=None, metadata=dict(help="override the preset's layers"))
+    n_head: Optional[int] = field(default=None, metadata=dict(help="override the preset's heads"))
+    n_embd: Optional[int] = field(default=None, metadata=dict(help="override the preset's width"))
+    batch_size: Optional[int] = field(default=None, metadata=dict(
+        help="micro-batch size B per GPU [default: 16 on cuda, 4 on cpu]"))
+    seq_len: Optional[int] = field(default=None, metadata=dict(
+        help="sequence length T [default: 1024 on cuda, 64 on cpu]"))
+    total_batch_size: Optional[int] = field(default=None, metadata=dict(
+        help="tokens per optimizer step; a multiple of B*T*world_size, the rest is gradient "
+             "accumulation [default: B*T*world_size]"))
+    max_steps: Optional[int] = field(default=None, metadata=dict(
+        help="optimizer steps [default: 200 on cuda, 30 on cpu]"))
+    lr: float = field(default=6e-4, metadata=dict(help="peak learning rate"))
+    warmup_steps: int = field(default=0, metadata=dict(help="linear warmup steps"))
+    lr_schedule: str = field(default="cosine", metadata=dict(
+        choices=("cosine", "linear", "constant"), help="decay after warmup"))
+    lr_decay_frac: float = field(default=0.0, metadata=dict(
+        help="final learning rate as a fraction of --lr"))
+    weight_decay: float = field(default=0.0, metadata=dict(help="AdamW decay on 2-D weights"))
+    beta1: float = field(default=0.9, metadata=dict(help="AdamW beta1"))
+    beta2: float = field(default=0.95, metadata=dict(help="AdamW beta2"))
+    eps: float = field(default=1e-8, metadata=dict(help="AdamW epsilon"))
+    grad_clip: float = field(default=1.0, metadata=dict(help="global-norm clip; 0 disables"))
+    train_data: Optional[str] = field(default=None, metadata=dict(
+        help="train shards: a file, directory or glob of .arrow token shards "
+             "[default: the bundled tiny-shakespeare]"))
+    val_data: Optional[str] = field(default=None, metadata=dict(
+        help="validation shards [default: the bundled tiny-shakespeare validation split]"))
+    val_every: int = field(default=0, metadata=dict(help="validate every N steps (and at the end); 0: only at the end"))
+    val_steps: int = field(default=10, metadata=dict(help="batches per validation"))
+    sample_every: int = field(default=0, metadata=dict(help="print a sample every N steps (always at the end); 0: only at the end"))
+    sample_tokens: int = field(default=64, metadata=dict(help="tokens generated per sample"))
+    out_dir: str = field(default="out", metadata=dict(help="config.json, metrics.jsonl and checkpoints go here"))
+    checkpoint_every: int = field(default=0, metadata=dict(help="checkpoint every N steps (and at the end); 0: only at the end"))
+    keep_checkpoints: int = field(default=2, metadata=dict(help="how many newest checkpoints to keep"))
+    resume: Optional[str] = field(default=None, metadata=dict(
+        help="a checkpoint directory to continue from, or 'auto' for the newest in --out-dir"))
+    seed: int = field(default=1337, metadata=dict(help="seed for the weights, the data order and sampling"))
+    dtype: str = field(default="bf16", metadata=dict(
+        choices=("bf16", "fp32"), help="compute dtype on cuda (the CPU path is always fp32)"))
+    recompute: int = field(default=0, metadata=dict(
+        choices=(0, 1), help="1: recompute GELU in the backward instead of storing it"))
+    zero: Optional[int] = field(default=None, metadata=dict(
+        choices=(0, 1), help="ZeRO stage: 1 shards the optimizer state over ranks [default: 1 when world size > 1]"))
+    attention: str = field(default="auto", metadata=dict(
+        choices=("auto", "flash", "matmul"), help="attention kernel on cuda: flash (bf16 tensor cores) or matmul (cuBLAS + softmax, any dtype)"))
+    log_every: int = field(default=1, metadata=dict(help="print a step line every N steps"))
+
+    def model_config(self) -> ModelConfig:
+        return model_config(self.model, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def resolve(cfg: TrainConfig, device: str, world_size: int = 1) -> TrainConfig:
+    """Fill the `None` fields for `device` ("cuda" or "cpu") and check the combination."""
+    cuda = device == "cuda"
+    out = dataclasses.replace(cfg, device=device)
+    if out.model is None:
+        out.model = "d12" if cuda else "d4"
+    if out.batch_size is None:
+        out.batch_size = 16 if cuda else 4
+    if out.seq_len is None:
+        out.seq_len = 1024 if cuda else 64
+    if out.max_steps is None:
+        out.max_steps = 200 if cuda else 30
+    if out.zero is None:
+        out.zero = 1 if world_size > 1 else 0
+    if not cuda:
+        out.dtype = "fp32"
+    check(out, world_size)
+    return out
+
+
+def check(cfg: TrainConfig, world_size: int = 1) -> None:
+    """Raise ConfigError naming the flag for any combination that cannot run."""
+    mc = cfg.model_config()
+    positive = ("batch_size", "seq_len", "max_steps", "val_steps", "log_every")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("warmup_steps", "val_every", "sample_every", "checkpoint_every", "sample_tokens"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.seq_len > mc.block_size:
+        raise ConfigError(f"--seq-len {cfg.seq_len} is above the model's context of "
+                          f"{mc.block_size} tokens; use --seq-len {mc.block_size} or less")
+    tokens_per_micro = cfg.batch_size * cfg.seq_len * world_size
+    if cfg.total_batch_size is not None:
+        if cfg.total_batch_size <= 0 or cfg.total_batch_size % tokens_per_micro != 0:
+            raise ConfigError(
+                f"--total-batch-size {cfg.total_batch_size} is not a positive multiple of "
+                f"batch-size*seq-len*world-size = {cfg.batch_size}*{cfg.seq_len}*{world_size} = "
+                f"{tokens_per_micro}; pick a multiple, e.g. {tokens_per_micro * 2}")
+    if not (0.0 <= cfg.lr_decay_frac <= 1.0):
+        raise ConfigError(f"--lr-decay-frac must be in [0, 1], got {cfg.lr_decay_frac}")
+    if cfg.lr <= 0:
+        raise ConfigError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.grad_clip < 0 or cfg.weight_decay < 0:
+        raise ConfigError("--grad-clip and --weight-decay must be >= 0")
+    if cfg.keep_checkpoints < 1:
+        raise ConfigError("--keep-checkpoints must be >= 1")
+    if cfg.zero == 1 and world_size == 1:
+        pass  # harmless: one shard is the whole buffer
+
+
+def grad_accum_steps(cfg: TrainConfig, world_size: int = 1) -> int:
+    """Micro-steps per optimizer step."""
+    per_micro = cfg.batch_size * cfg.seq_len * world_size
+    total = cfg.total_batch_size or per_micro
+    return total // per_micro
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI generated from the dataclass
+
+def _arg_type(tp):
+    """The argparse type for a field annotation (Optional[X] -> X)."""
+    if isinstance(tp, str):
+        tp = eval(tp, vars(typing), {"Optional": Optional})  # annotations are strings here
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0]
+    return tp
+
+
+def build_parser(prog: str = "python -m llmc.train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Train GPT-2 with llmc. With no flags: a quick demo on the bundled "
+        "tiny-shakespeare (d12 on a GPU, a small model on a CPU).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        tp = _arg_type(f.type)
+        kw = dict(type=tp, default=f.default, help=f.metadata.get("help", ""))
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
+    return parser
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """argv -> TrainConfig; argparse exits with a usage line on unknown flags or bad types."""
+    ns = build_parser().parse_args(argv)
+    return TrainConfig(**vars(ns))
