@@ -1,0 +1,89 @@
+"""GPU ops: one thin launcher module per kernel family (kernels/<family>.cu -> llmc/ops/<family>.py).
+
+Every launcher validates its arguments with `check` (shape, dtype, C-contiguity, device; a
+`ValueError` naming the argument, what was expected and what came), picks the module variant
+from the storage dtype (`dtype_name`), computes the grid and launches on CuPy's current stream.
+Wrappers never cast, never allocate in the training step and do no math; scratch buffers are
+sized by each family's `*_scratch_size(...)` so the model allocates them once.
+
+Shapes use B, T, C, NH, HS, V, Vp, N = B*T, OC (see docs/DESIGN.md).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import ml_dtypes
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F32 = np.dtype(np.float32)
+I32 = np.dtype(np.int32)
+FLOATX = (BF16, F32)
+_NAMES = {BF16: "bf16", F32: "fp32"}
+_ALIASES = {"bf16": BF16, "bfloat16": BF16, "fp32": F32, "f32": F32, "float32": F32,
+            "int32": I32, "i32": I32}
+
+
+def as_dtype(dtype) -> np.dtype:
+    """np.dtype from a dtype-like or one of "bf16", "fp32", "int32"."""
+    if isinstance(dtype, str) and dtype in _ALIASES:
+        return _ALIASES[dtype]
+    return np.dtype(dtype)
+
+
+def dtype_name(arr, name: str = "array") -> str:
+    """"bf16" or "fp32": the kernel module variant for a floatX array."""
+    try:
+        return _NAMES[arr.dtype]
+    except KeyError:
+        raise ValueError(f"{name}: expected dtype bfloat16 or float32, got {arr.dtype}") from None
+
+
+def check(name: str, arr, shape=None, dtype=None, *, contiguous: bool = True):
+    """Validate one argument of an op; raises ValueError naming `name`.
+
+    shape: a tuple (None entries match any size) or None to skip; dtype: a dtype-like, one of
+    "bf16"/"fp32"/"int32", a tuple of those (any of), or None. The array must be a cupy.ndarray
+    on the current device, C-contiguous unless contiguous=False. Returns arr.
+    """
+    import cupy
+    if not isinstance(arr, cupy.ndarray):
+        raise ValueError(f"{name}: expected a cupy.ndarray, got {type(arr).__name__}")
+    if shape is not None:
+        shape = tuple(shape)
+        if arr.ndim != len(shape) or any(s is not None and s != g for s, g in zip(shape, arr.shape)):
+            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            raise ValueError(f"{name}: expected shape {want}, got {tuple(arr.shape)}")
+    if dtype is not None:
+        allowed = tuple(as_dtype(d) for d in (dtype if isinstance(dtype, tuple) else (dtype,)))
+        if arr.dtype not in allowed:
+            want = " or ".join(str(d) for d in allowed)
+            raise ValueError(f"{name}: expected dtype {want}, got {arr.dtype}")
+    if contiguous and not arr.flags.c_contiguous:
+        raise ValueError(f"{name}: expected a C-contiguous array, got strides {arr.strides} "
+                         f"for shape {arr.shape}")
+    dev = cupy.cuda.Device().id
+    if arr.device.id != dev:
+        raise ValueError(f"{name}: expected an array on the current device {dev}, got device "
+                         f"{arr.device.id}")
+    return arr
+
+
+def check_same(name: str, arr, like, like_name: str):
+    """`arr` must be a contiguous device array with the shape and dtype of `like`."""
+    check(name, arr)
+    if arr.shape != like.shape or arr.dtype != like.dtype:
+        raise ValueError(f"{name}: expected shape {tuple(like.shape)} and dtype {like.dtype} "
+                         f"(those of {like_name}), got {tuple(arr.shape)} {arr.dtype}")
+    return arr
+
+
+def check_aligned(name: str, arr, nbytes: int = 16):
+    """The data pointer must be `nbytes`-aligned (128-bit vector access)."""
+    if arr.data.ptr % nbytes != 0:
+        raise ValueError(f"{name}: expected a {nbytes}-byte aligned data pointer for vector "
+                         f"access, got address {arr.data.ptr:#x} (offset {arr.data.ptr % nbytes})")
+    return arr
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
