@@ -6,7 +6,8 @@
 // module is compiled with -DLLMC_BF16, float otherwise. Arithmetic is always in float.
 #pragma once
 #include <cuda_bf16.h>
-#include <stdint.h>
+// No <stdint.h>: NVRTC has no C library headers, and a home-made uint32_t could clash with a
+// header that does define it. Builtin types throughout: int/unsigned are 32-bit, long long 64.
 
 #ifdef LLMC_BF16
 typedef __nv_bfloat16 floatX;
@@ -92,9 +93,9 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 
 // A stateless hash (squirrel-noise style) giving 32 random bits per (position, seed):
 // stochastic rounding needs independent bits per element without any RNG state in memory.
-__device__ __forceinline__ uint32_t hash_u32(uint32_t pos, uint32_t seed) {
-    const uint32_t B1 = 0x68E31DA4u, B2 = 0xB5297A4Du, B3 = 0x1B56C4E9u;
-    uint32_t m = pos * B1;
+__device__ __forceinline__ unsigned int hash_u32(unsigned int pos, unsigned int seed) {
+    const unsigned int B1 = 0x68E31DA4u, B2 = 0xB5297A4Du, B3 = 0x1B56C4E9u;
+    unsigned int m = pos * B1;
     m += seed;
     m ^= (m >> 8);
     m += B2;
@@ -106,15 +107,15 @@ __device__ __forceinline__ uint32_t hash_u32(uint32_t pos, uint32_t seed) {
 
 // float -> bf16, rounding up with probability equal to the dropped fraction: the expected
 // value is exact, so tiny AdamW updates are not lost to round-to-nearest.
-__device__ __forceinline__ __nv_bfloat16 bf16_stochastic(float x, uint32_t bits) {
-    uint32_t u = __float_as_uint(x);
+__device__ __forceinline__ __nv_bfloat16 bf16_stochastic(float x, unsigned int bits) {
+    unsigned int u = __float_as_uint(x);
     if ((u & 0x7f800000u) == 0x7f800000u) return __float2bfloat16_rn(x);  // inf / nan
     u += (bits & 0xffffu);
     u &= 0xffff0000u;
     return __float2bfloat16_rz(__uint_as_float(u));
 }
 
-__device__ __forceinline__ void store_rounded(float* p, float x, uint32_t) { *p = x; }
-__device__ __forceinline__ void store_rounded(__nv_bfloat16* p, float x, uint32_t bits) {
+__device__ __forceinline__ void store_rounded(float* p, float x, unsigned int) { *p = x; }
+__device__ __forceinline__ void store_rounded(__nv_bfloat16* p, float x, unsigned int bits) {
     *p = bf16_stochastic(x, bits);
 }
