@@ -1,0 +1,202 @@
+"""NumPy reference of every GPT-2 op, forward and backward: the CPU path and the GPU test oracle.
+
+Each function is the math of one layer, written plainly and vectorized (attention is a batched
+matmul), with the same shapes as the GPU ops in `llmc/ops/`. Backward functions return fresh
+gradients (`=`); callers that accumulate add them up themselves.
+
+Design choices:
+- Dtype-generic: every result has the dtype of the inputs (float32 for the CPU training path,
+  float64 for finite-difference checks). Constants are Python floats so they never promote a
+  float32 array to float64 (NEP 50).
+- LayerNorm uses the biased variance and eps = 1e-5, as GPT-2.
+- GELU is the tanh approximation 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+- Attention is causal; the forward saves the softmax probabilities `att` for the backward.
+- Cross-entropy reads only the first V of Vp logit columns: padded columns get probability 0
+  and gradient 0, so padded rows of the tied wte never receive a gradient from the loss.
+
+Shapes: B batch, T time, C channels, NH heads, HS = C / NH, N = B*T rows, OC output channels,
+V vocabulary, Vp padded vocabulary, maxT rows of wpe.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+LN_EPS = 1e-5
+GELU_SCALE = math.sqrt(2.0 / math.pi)
+GELU_CUBIC = 0.044715
+
+
+# ---------------------------------------------------------------------------------------------
+# encoder: token embedding + position embedding
+
+def encoder_forward(wte, wpe, inp):
+    """out[b, t] = wte[inp[b, t]] + wpe[t]. wte (Vp, C), wpe (maxT, C), inp int (B, T) -> (B, T, C)."""
+    T = inp.shape[1]
+    return wte[inp] + wpe[:T]  # (B, T, C)
+
+
+def encoder_backward(dout, inp, wte_shape, wpe_shape):
+    """dout (B, T, C) -> dwte (Vp, C), dwpe (maxT, C); repeated tokens accumulate."""
+    B, T, C = dout.shape
+    dwte = np.zeros(wte_shape, dtype=dout.dtype)
+    np.add.at(dwte, inp.reshape(-1), dout.reshape(B * T, C))  # (Vp, C)
+    dwpe = np.zeros(wpe_shape, dtype=dout.dtype)
+    dwpe[:T] = dout.sum(axis=0)  # (T, C) into (maxT, C)
+    return dwte, dwpe
+
+
+# ---------------------------------------------------------------------------------------------
+# layernorm
+
+def layernorm_forward(x, w, b, eps=LN_EPS):
+    """y = (x - mean) * rstd * w + b over the last axis. x (..., C) -> out (..., C), mean (...), rstd (...)."""
+    mean = x.mean(axis=-1)  # (...)
+    xc = x - mean[..., None]  # (..., C)
+    var = (xc * xc).mean(axis=-1)  # (...) biased
+    rstd = 1.0 / np.sqrt(var + eps)  # (...)
+    out = xc * rstd[..., None] * w + b  # (..., C)
+    return out, mean, rstd
+
+
+def layernorm_backward(dout, x, w, mean, rstd):
+    """dout, x (..., C); w (C,); mean, rstd (...) -> dx (..., C), dw (C,), db (C,)."""
+    norm = (x - mean[..., None]) * rstd[..., None]  # (..., C)
+    lead = tuple(range(x.ndim - 1))
+    dw = (dout * norm).sum(axis=lead)  # (C,)
+    db = dout.sum(axis=lead)  # (C,)
+    dnorm = dout * w  # (..., C)
+    dx = (dnorm
+          - dnorm.mean(axis=-1, keepdims=True)
+          - norm * (dnorm * norm).mean(axis=-1, keepdims=True)) * rstd[..., None]  # (..., C)
+    return dx, dw, db
+
+
+# ---------------------------------------------------------------------------------------------
+# residual
+
+def residual_forward(a, b):
+    """a + b; the backward hands the same gradient to both inputs."""
+    return a + b
+
+
+# ---------------------------------------------------------------------------------------------
+# matmul (linear layer): y = x @ w.T + b
+
+def matmul_forward(x, w, b=None):
+    """x (..., C), w (OC, C), b (OC,) or None -> (..., OC)."""
+    out = x @ w.T  # (..., OC)
+    if b is not None:
+        out += b
+    return out
+
+
+def matmul_backward(dout, x, w, has_bias=True):
+    """dout (..., OC), x (..., C), w (OC, C) -> dx (..., C), dw (OC, C), db (OC,) or None."""
+    OC, C = w.shape
+    dx = dout @ w  # (..., C)
+    dout2 = dout.reshape(-1, OC)  # (N, OC)
+    dw = dout2.T @ x.reshape(-1, C)  # (OC, C)
+    db = dout2.sum(axis=0) if has_bias else None  # (OC,)
+    return dx, dw, db
+
+
+# ---------------------------------------------------------------------------------------------
+# causal self-attention
+
+def _split_heads(qkv, n_head):
+    """qkv (B, T, 3C) -> q, k, v each (B, NH, T, HS)."""
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    heads = qkv.reshape(B, T, 3, n_head, C // n_head)  # (B, T, 3, NH, HS)
+    heads = heads.transpose(2, 0, 3, 1, 4)  # (3, B, NH, T, HS)
+    return heads[0], heads[1], heads[2]
+
+
+def _check_qkv(qkv, n_head):
+    if qkv.ndim != 3 or qkv.shape[2] % 3 != 0 or (qkv.shape[2] // 3) % n_head != 0:
+        raise ValueError(f"qkv must be (B, T, 3C) with C divisible by n_head={n_head}, "
+                         f"got shape {qkv.shape}")
+
+
+def attention_forward(qkv, n_head):
+    """Causal softmax attention. qkv (B, T, 3C) -> out (B, T, C), att (B, NH, T, T) probabilities."""
+    _check_qkv(qkv, n_head)
+    B, T, C3 = qkv.shape
+    q, k, v = _split_heads(qkv, n_head)  # (B, NH, T, HS) each
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    preatt = (q @ k.transpose(0, 1, 3, 2)) * scale  # (B, NH, T, T)
+    future = np.triu(np.ones((T, T), dtype=bool), k=1)  # (T, T): key after query
+    preatt[..., future] = -np.inf
+    preatt -= preatt.max(axis=-1, keepdims=True)
+    att = np.exp(preatt)
+    att /= att.sum(axis=-1, keepdims=True)  # (B, NH, T, T)
+    y = att @ v  # (B, NH, T, HS)
+    out = y.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3)  # (B, T, C)
+    return out, att
+
+
+def attention_backward(dout, qkv, att, n_head):
+    """dout (B, T, C), qkv (B, T, 3C), att (B, NH, T, T) -> dqkv (B, T, 3C)."""
+    _check_qkv(qkv, n_head)
+    B, T, C3 = qkv.shape
+    q, k, v = _split_heads(qkv, n_head)  # (B, NH, T, HS) each
+    HS = q.shape[-1]
+    scale = 1.0 / math.sqrt(HS)
+    dy = dout.reshape(B, T, n_head, HS).transpose(0, 2, 1, 3)  # (B, NH, T, HS)
+    datt = dy @ v.transpose(0, 1, 3, 2)  # (B, NH, T, T)
+    dv = att.transpose(0, 1, 3, 2) @ dy  # (B, NH, T, HS)
+    # softmax backward; masked entries have att = 0 so their gradient is 0
+    dpreatt = att * (datt - (datt * att).sum(axis=-1, keepdims=True)) * scale  # (B, NH, T, T)
+    dq = dpreatt @ k  # (B, NH, T, HS)
+    dk = dpreatt.transpose(0, 1, 3, 2) @ q  # (B, NH, T, HS)
+    dqkv = np.stack([dq, dk, dv])  # (3, B, NH, T, HS)
+    return dqkv.transpose(1, 3, 0, 2, 4).reshape(B, T, C3)  # (B, T, 3C)
+
+
+# ---------------------------------------------------------------------------------------------
+# gelu (tanh approximation)
+
+def gelu_forward(x):
+    """y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), elementwise."""
+    return 0.5 * x * (1.0 + np.tanh(GELU_SCALE * (x + GELU_CUBIC * x * x * x)))
+
+
+def gelu_backward(x, dout):
+    """dx = dout * dy/dx, elementwise."""
+    th = np.tanh(GELU_SCALE * (x + GELU_CUBIC * x * x * x))
+    dth = (1.0 - th * th) * GELU_SCALE * (1.0 + 3.0 * GELU_CUBIC * x * x)
+    return dout * (0.5 * (1.0 + th) + 0.5 * x * dth)
+
+
+# ---------------------------------------------------------------------------------------------
+# softmax cross-entropy over the real vocabulary
+
+def crossentropy_forward(logits, targets, V):
+    """logits (N, Vp), targets int (N,) in [0, V) -> losses (N,), probs (N, Vp) (columns >= V are 0)."""
+    N, Vp = logits.shape
+    if not 0 < V <= Vp:
+        raise ValueError(f"V={V} must be in [1, Vp={Vp}]")
+    if targets.shape != (N,):
+        raise ValueError(f"targets must have shape ({N},), got {targets.shape}")
+    if targets.size and (targets.min() < 0 or targets.max() >= V):
+        raise ValueError(f"targets must lie in [0, {V}), got range "
+                         f"[{targets.min()}, {targets.max()}]")
+    real = logits[:, :V]  # (N, V)
+    shifted = real - real.max(axis=1, keepdims=True)  # (N, V)
+    logsumexp = np.log(np.exp(shifted).sum(axis=1))  # (N,)
+    rows = np.arange(N)
+    losses = logsumexp - shifted[rows, targets]  # (N,)
+    probs = np.zeros_like(logits)  # (N, Vp)
+    probs[:, :V] = np.exp(shifted - logsumexp[:, None])
+    return losses, probs
+
+
+def crossentropy_backward(probs, targets, dlosses):
+    """probs (N, Vp), targets (N,), dlosses (N,) -> dlogits (N, Vp) = (probs - onehot) * dlosses."""
+    N = probs.shape[0]
+    dlogits = probs.copy()  # (N, Vp)
+    dlogits[np.arange(N), targets] -= 1.0
+    dlogits *= dlosses[:, None].astype(probs.dtype, copy=False)
+    return dlogits
