@@ -1,0 +1,83 @@
+// Fused classifier: softmax cross-entropy over the V real columns of padded logits, giving the
+// loss and (optionally) dlogits written in place over the logits, one block per row.
+//
+//   loss[n]      = logsumexp(logits[n, :V]) - logits[n, target[n]]            losses f32 (N,) `=`
+//   logits[n, j] = dloss * (softmax(logits[n, :V])_j - [j == target[n]])  j < V   (in place, `=`)
+//   logits[n, j] = 0                                                  V <= j < Vp
+// Shapes: logits (N, Vp) floatX with Vp * sizeof(floatX) a multiple of 16 bytes; targets int32
+// (N,). Nothing is saved: the probabilities live only in registers of the block that made them
+// (no fp32 (N, Vp) buffer ever exists).
+//
+// Traffic: pass 1 reads the row once with 128-bit loads and keeps a running (max, sum) per thread
+// (online softmax: one pass instead of a max pass plus a sum pass). Pass 2 rereads the row to
+// write dlogits; the row (100 KB in bf16 at Vp = 50304) was read microseconds earlier by the same
+// block, so the reread is served by L2 and DRAM sees one read and one write per element. Pass 1
+// loads with the default policy (keep in cache for the reread), pass 2 with a streaming hint
+// (last use). Padded columns are written as zeros without being read.
+//
+// A target outside [0, V) cannot be checked on the host without a device sync; the kernel makes
+// the row's loss NaN instead (loud in the mean loss) and leaves the one-hot term out of dlogits.
+// Deterministic: fixed-order block reductions, no atomics.
+#include "common.cuh"
+
+extern "C" __global__ void fused_classifier(floatX* logits, float* __restrict__ losses,
+                                            const int* __restrict__ targets, float dloss, int V,
+                                            int Vp, int write_dlogits) {
+    __shared__ float scratch[32];
+    constexpr int P = x128::size;
+    floatX* x = logits + (size_t)blockIdx.x * Vp;
+    const int target = targets[blockIdx.x];
+    const bool valid = target >= 0 && target < V;
+    // Read before any thread may overwrite the row (the reductions below are block barriers).
+    const float x_target = (threadIdx.x == 0 && valid) ? to_float(x[target]) : 0.0f;
+
+    const int real_chunks = (V + P - 1) / P;  // chunks holding at least one column < V
+    float m = NEG_INF, s = 0.0f;
+    for (int c = threadIdx.x; c < real_chunks; c += blockDim.x) {
+        const x128 packed = load128(x + c * P);
+        float v[P];
+        float cm = NEG_INF;
+#pragma unroll
+        for (int k = 0; k < P; k++) {
+            v[k] = c * P + k < V ? to_float(packed[k]) : NEG_INF;
+            cm = fmaxf(cm, v[k]);
+        }
+        // cm is finite (every chunk here has a real column), so m_new is too: no inf - inf.
+        const float m_new = fmaxf(m, cm);
+        s *= __expf(m - m_new);
+#pragma unroll
+        for (int k = 0; k < P; k++) s += __expf(v[k] - m_new);
+        m = m_new;
+    }
+    const float row_max = block_max(m, scratch);
+    // Threads that saw no chunk have m = -inf and s = 0: exp(-inf) = 0 keeps them out.
+    const float row_sum = block_sum(s * __expf(m - row_max), scratch);
+    if (threadIdx.x == 0) {
+        losses[blockIdx.x] = valid ? row_max + logf(row_sum) - x_target : __int_as_float(0x7fc00000);
+    }
+    if (!write_dlogits) return;
+
+    const float inv_sum = 1.0f / row_sum;
+    const int all_chunks = Vp / P;
+    for (int c = threadIdx.x; c < all_chunks; c += blockDim.x) {
+        x128 out;
+        if (c < real_chunks) {
+            const x128 packed = load128cs(x + c * P);
+#pragma unroll
+            for (int k = 0; k < P; k++) {
+                const int j = c * P + k;
+                float g = 0.0f;
+                if (j < V) {
+                    const float p = __expf(to_float(packed[k]) - row_max) * inv_sum;
+                    g = dloss * (p - (j == target ? 1.0f : 0.0f));
+                }
+                out[k] = from_float<floatX>(g);
+            }
+        } else {
+#pragma unroll
+            for (int k = 0; k < P; k++) out[k] = from_float<floatX>(0.0f);
+        }
+        // Default store policy: the lm-head backward matmul reads dlogits next.
+        store128(x + c * P, out);
+    }
+}

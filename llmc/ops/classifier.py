@@ -1,0 +1,52 @@
+"""Fused classifier launcher (kernels/classifier.cu): softmax cross-entropy, loss and dlogits.
+
+    fused_classifier(logits (N, Vp) floatX in/out, losses f32 (N,) =, targets int32 (N,), V, dloss)
+
+One block per row. The loss of each row is logsumexp(logits[:V]) - logits[target]; with
+write_dlogits (training) the row is overwritten in place by dloss * (softmax - onehot(target))
+for the V real columns and 0 for the padded columns V..Vp; without it (evaluation) the logits are
+left untouched. No fp32 probabilities are ever stored.
+
+dloss is the gradient of the reduced loss with respect to each row's loss, the same for every
+row (for a mean over B*T tokens scaled by 1/grad_accum: 1 / (B*T*grad_accum)).
+
+Targets are not range-checked on the host (that would need a device sync every step): a row
+whose target is outside [0, V) gets a NaN loss, which shows in the mean loss, and dlogits
+without the one-hot term.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from llmc import kernels
+from llmc.ops import FLOATX, I32, F32, ceil_div, check, check_aligned, dtype_name
+
+BLOCK = 512  # threads per row: Vp = 50304 bf16 is 6288 16-byte chunks, ~12 per thread
+
+
+def fused_classifier(logits, losses, targets, V: int, dloss: float, write_dlogits: bool = True):
+    """Loss per row into losses (N,) f32; dlogits in place over logits (N, Vp) when write_dlogits."""
+    check("logits", logits, (None, None), FLOATX)
+    N, Vp = logits.shape
+    check("losses", losses, (N,), F32)
+    check("targets", targets, (N,), I32)
+    V = int(V)
+    if not 0 < V <= Vp:
+        raise ValueError(f"V: expected 1 <= V <= Vp = {Vp}, got {V}")
+    if (Vp * logits.itemsize) % 16 != 0:
+        raise ValueError(f"logits: rows must be a multiple of 16 bytes for 128-bit access, got "
+                         f"Vp = {Vp} of {logits.dtype} ({Vp * logits.itemsize} bytes)")
+    check_aligned("logits", logits)
+    if N == 0:
+        return losses
+    kernel = kernels.function("classifier", "fused_classifier", dtype_name(logits, "logits"))
+    kernel((N,), (BLOCK,), (logits, losses, targets, np.float32(dloss), np.int32(V),
+                            np.int32(Vp), np.int32(1 if write_dlogits else 0)))
+    return losses
+
+
+def classifier_bytes(N: int, V: int, Vp: int, itemsize: int, write_dlogits: bool = True) -> int:
+    """DRAM bytes the kernel must move at least: logits read once, dlogits written, targets, losses."""
+    read = N * ceil_div(V, 16 // itemsize) * 16
+    written = N * Vp * itemsize if write_dlogits else 0
+    return read + written + N * 4 * 2
