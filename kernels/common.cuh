@@ -119,3 +119,25 @@ __device__ __forceinline__ void store_rounded(float* p, float x, unsigned int) {
 __device__ __forceinline__ void store_rounded(__nv_bfloat16* p, float x, unsigned int bits) {
     *p = bf16_stochastic(x, bits);
 }
+
+// Column sums of a (G, M) fp32 matrix of per-block partials, in a fixed order: the deterministic
+// second pass of a two-pass reduction. Block (32, by): column = blockIdx.x * 32 + threadIdx.x;
+// thread row y sums rows y, y + by, y + 2 by, ... in order, then the by partial sums are added
+// in y order through `scratch` (>= 32 * by floats). The result is valid in threads with
+// threadIdx.y == 0 (others get 0). Columns >= M give 0.
+__device__ __forceinline__ float column_sum_fixed_order(const float* part, int G, int M,
+                                                        float* scratch) {
+    const int col = blockIdx.x * 32 + threadIdx.x;
+    float acc = 0.0f;
+    if (col < M) {
+        #pragma unroll 8
+        for (int g = threadIdx.y; g < G; g += blockDim.y) acc += part[(long long)g * M + col];
+    }
+    scratch[threadIdx.y * 32 + threadIdx.x] = acc;
+    __syncthreads();
+    float sum = 0.0f;
+    if (threadIdx.y == 0) {
+        for (int y = 0; y < blockDim.y; y++) sum += scratch[y * 32 + threadIdx.x];
+    }
+    return sum;
+}

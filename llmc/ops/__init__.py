@@ -87,3 +87,34 @@ def check_aligned(name: str, arr, nbytes: int = 16):
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def pack_size(dtype) -> int:
+    """Elements per 128-bit pack of the kernels' vector access (8 bf16, 4 fp32)."""
+    return 16 // as_dtype(dtype).itemsize
+
+
+def round_up(n: int, k: int = 256) -> int:
+    return ceil_div(n, k) * k
+
+
+def check_scratch(name: str, scratch, nbytes: int):
+    """A scratch buffer: 1-D C-contiguous device array (any dtype) of at least `nbytes` bytes.
+
+    Ops run one after another on a stream, so one buffer sized to the largest
+    `*_scratch_size(...)` serves every op. Returns scratch.data (a MemoryPointer; add byte offsets).
+    """
+    check(name, scratch)
+    if scratch.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D buffer, got shape {scratch.shape}")
+    if scratch.nbytes < nbytes:
+        raise ValueError(f"{name}: expected at least {nbytes} bytes, got {scratch.nbytes} "
+                         f"(size it with the op's *_scratch_size function)")
+    check_aligned(name, scratch, 256)
+    return scratch.data
+
+
+def set_dynamic_smem(kernel, nbytes: int):
+    """Opt a kernel into more than 48 KiB of dynamic shared memory when it needs it."""
+    if nbytes > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < nbytes:
+        kernel.max_dynamic_shared_size_bytes = nbytes

@@ -1,0 +1,133 @@
+"""LayerNorm and residual launchers for kernels/layernorm.cu.
+
+    layernorm_forward(out (N,C), mean f32 (N,), rstd f32 (N,), inp (N,C), weight (C,), bias (C,))
+    fused_residual_layernorm_forward(residual, out, mean, rstd, inp1, inp2, weight, bias)
+        residual = inp1 + inp2 (stored), then out = LayerNorm(residual)
+    residual_forward(out, inp1, inp2)                       out = inp1 + inp2 (any shape)
+    layernorm_backward(dinp +=, dweight +=, dbias +=, dout, inp, weight, mean, rstd, scratch)
+
+Rows may be given as (N, C) or (B, T, C): every dimension but the last is a row. C must be a
+multiple of the 128-bit pack (8 bf16 / 4 fp32). One warp per row; the forward caches the row in
+shared memory. The backward is deterministic: per-block fp32 partials of dweight/dbias in
+scratch (`layernorm_backward_scratch_size(N, C)` bytes), then a fixed-order reduction.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from llmc import kernels
+from llmc.ops import (F32, ceil_div, check, check_aligned, check_same, check_scratch,
+                      dtype_name, pack_size, set_dynamic_smem)
+
+FWD_WARPS = 8       # rows per forward block
+BWD_WARPS = 4       # rows in flight per backward block
+BWD_MAX_BLOCKS = 1024
+EW_BLOCK = 256      # residual_forward
+
+
+def _rows(name, x):
+    if x.ndim < 2:
+        raise ValueError(f"{name}: expected (N, C) or (B, T, C), got shape {x.shape}")
+    return x.size // x.shape[-1] if x.shape[-1] else 0, x.shape[-1]
+
+
+def _check_ln(names, x, mean, rstd, weight, bias, others):
+    """Validate a LayerNorm call; `others` are (name, array) of x's shape. Returns dt, N, C."""
+    dt = dtype_name(x, names[0])
+    check(names[0], x)
+    N, C = _rows(names[0], x)
+    if C % pack_size(dt) != 0:
+        raise ValueError(f"{names[0]}: C must be a multiple of {pack_size(dt)} for {dt} "
+                         f"(128-bit access), got C={C}")
+    for name, a in others:
+        check_same(name, a, x, names[0])
+    check("weight", weight, (C,), dt)
+    if bias is not None:
+        check("bias", bias, (C,), dt)
+    for name, a in (("mean", mean), ("rstd", rstd)):
+        check(name, a, dtype=F32)
+        if a.size != N:
+            raise ValueError(f"{name}: expected {N} fp32 values (one per row of {names[0]} "
+                             f"{tuple(x.shape)}), got shape {tuple(a.shape)}")
+    for name, a in [(names[0], x), ("weight", weight)] + list(others):
+        check_aligned(name, a)
+    if bias is not None:
+        check_aligned("bias", bias)
+    return dt, N, C
+
+
+def _forward_launch(name, dt, N, C, args):
+    kernel = kernels.function("layernorm", name, dt)
+    smem = FWD_WARPS * C * (16 // pack_size(dt))  # the block's rows, floatX
+    set_dynamic_smem(kernel, smem)
+    kernel((ceil_div(N, FWD_WARPS),), (32 * FWD_WARPS,), args, shared_mem=smem)
+
+
+def layernorm_forward(out, mean, rstd, inp, weight, bias, eps: float = 1e-5):
+    """out = (inp - mean) * rstd * weight + bias per row; saves mean, rstd (fp32)."""
+    dt, N, C = _check_ln(("inp",), inp, mean, rstd, weight, bias, [("out", out)])
+    if N == 0:
+        return out
+    _forward_launch("layernorm_forward", dt, N, C,
+                    (out, mean, rstd, inp, weight, bias, np.int32(N), np.int32(C), np.float32(eps)))
+    return out
+
+
+def fused_residual_layernorm_forward(residual, out, mean, rstd, inp1, inp2, weight, bias,
+                                     eps: float = 1e-5):
+    """residual = inp1 + inp2; out = LayerNorm(residual) with its mean, rstd."""
+    dt, N, C = _check_ln(("inp1",), inp1, mean, rstd, weight, bias,
+                         [("inp2", inp2), ("residual", residual), ("out", out)])
+    if N == 0:
+        return out
+    _forward_launch("fused_residual_layernorm_forward", dt, N, C,
+                    (residual, out, mean, rstd, inp1, inp2, weight, bias, np.int32(N),
+                     np.int32(C), np.float32(eps)))
+    return out
+
+
+def residual_forward(out, inp1, inp2):
+    """out = inp1 + inp2 (any shape, floatX)."""
+    dt = dtype_name(inp1, "inp1")
+    check("inp1", inp1)
+    check_same("inp2", inp2, inp1, "inp1")
+    check_same("out", out, inp1, "inp1")
+    for name, a in (("out", out), ("inp1", inp1), ("inp2", inp2)):
+        check_aligned(name, a)
+    n = inp1.size
+    if n == 0:
+        return out
+    kernels.function("layernorm", "residual_forward", dt)(
+        (ceil_div(ceil_div(n, pack_size(dt)), EW_BLOCK),), (EW_BLOCK,),
+        (out, inp1, inp2, np.int64(n)))
+    return out
+
+
+def _backward_blocks(N: int) -> int:
+    """Blocks of the backward: fixed by N alone, so the summation order is the same on any GPU."""
+    return max(1, min(ceil_div(N, BWD_WARPS), BWD_MAX_BLOCKS))
+
+
+def layernorm_backward_scratch_size(N: int, C: int) -> int:
+    """Bytes of scratch layernorm_backward needs: fp32 (G, 2C) partials, G <= 1024."""
+    return _backward_blocks(N) * 2 * C * 4
+
+
+def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scratch):
+    """dinp += dL/dinp; dweight += sum(dout * xhat); dbias += sum(dout). Deterministic."""
+    dt, N, C = _check_ln(("inp",), inp, mean, rstd, weight, None,
+                         [("dout", dout), ("dinp", dinp)])
+    check("dweight", dweight, (C,), dt)
+    check("dbias", dbias, (C,), dt)
+    G = _backward_blocks(N)
+    partial = check_scratch("scratch", scratch, layernorm_backward_scratch_size(N, C))
+    if N == 0:
+        return
+    kernel = kernels.function("layernorm", "layernorm_backward", dt)
+    smem = BWD_WARPS * 2 * C * 4
+    set_dynamic_smem(kernel, smem)
+    kernel((G,), (32 * BWD_WARPS,),
+           (dinp, partial, dout, inp, weight, mean, rstd, np.int32(N), np.int32(C)),
+           shared_mem=smem)
+    kernels.function("layernorm", "layernorm_backward_reduce", dt)(
+        (ceil_div(2 * C, 32),), (32, 32), (dweight, dbias, partial, np.int32(G), np.int32(C)))
