@@ -8,6 +8,7 @@ What is checked:
   the last exactly --shard-size tokens, summary counts right; 1 and 2 tokenizer processes agree;
 - resume: a writer that dies after shard k, then a rerun, gives byte-identical shards and
   summary to an uninterrupted run, without rewriting (or re-reading) the finished ones;
+- data_tools.tinyshakespeare: the bundled text gives llmc.datasets' shards, --source another text;
 - one-line errors with exit code 2 for a missing source, a parquet without `text`, an empty
   source, a malformed jsonl line, changed flags on resume, foreign shards in --out.
 
@@ -15,7 +16,6 @@ Run:  python -m pytest tests/test_data_tools.py -q
 """
 import gzip
 import json
-import os
 import subprocess
 import sys
 import time
@@ -324,3 +324,28 @@ def test_parquet_skip_by_row_groups(tmp_path):
         except StopIteration as stop:
             assert stop.value == 37
         assert got == texts[skip:]
+
+
+def test_tinyshakespeare_tool(tmp_path):
+    """The bundled text gives llmc.datasets' shards; --source does the same to another text."""
+    from data_tools import tinyshakespeare as ts
+    from llmc.datasets import tinyshakespeare
+    out = tmp_path / "ts"
+    assert ts.main(["--out", str(out)]) == 0
+    train, val = tinyshakespeare(cache_dir=tmp_path / "cache")
+    assert open_shard(out / "tinyshakespeare_val.arrow").tokens.tolist() == open_shard(val).tokens.tolist()
+    assert open_shard(out / "tinyshakespeare_train.arrow").tokens.tolist() == open_shard(train).tokens.tolist()
+    text = "First section.\n\nSecond one, longer.\n\nThird and last"
+    (tmp_path / "book.txt").write_text(text, encoding="utf-8")
+    assert ts.main(["--out", str(out), "--source", str(tmp_path / "book.txt"), "--val-tokens", "4"]) == 0
+    ids = (open_shard(out / "book_val.arrow").tokens.tolist()
+           + open_shard(out / "book_train.arrow").tokens.tolist())
+    assert len(open_shard(out / "book_val.arrow")) == 4
+    assert ids == ([EOT] + encode("First section.\n\n") + [EOT] + encode("Second one, longer.\n\n")
+                   + [EOT] + encode("Third and last"))
+    with pytest.raises(ts.TextError, match="not more than the 1000 validation tokens"):
+        ts.write_text_shards(text, out, "short", val_tokens=1000)
+    proc = subprocess.run([sys.executable, "-m", "data_tools.tinyshakespeare", "--out", str(out),
+                           "--source", str(tmp_path / "missing.txt")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert_one_line_error(proc.returncode, proc.stderr, "missing.txt", "no such file")
