@@ -79,7 +79,7 @@ class TrainConfig:
     n_head: Optional[int] = field(default=None, metadata=dict(help="override the preset's heads"))
     n_embd: Optional[int] = field(default=None, metadata=dict(help="override the preset's width"))
     batch_size: Optional[int] = field(default=None, metadata=dict(
-        help="micro-batch size B per GPU [default: 16 on cuda, 4 on cpu]"))
+        help="micro-batch size B per GPU [default: 16 on cuda, 8 on cpu]"))
     seq_len: Optional[int] = field(default=None, metadata=dict(
         help="sequence length T [default: 1024 on cuda, 64 on cpu]"))
     total_batch_size: Optional[int] = field(default=None, metadata=dict(
@@ -87,7 +87,8 @@ class TrainConfig:
              "accumulation [default: B*T*world_size]"))
     max_steps: Optional[int] = field(default=None, metadata=dict(
         help="optimizer steps [default: 200 on cuda, 30 on cpu]"))
-    lr: float = field(default=6e-4, metadata=dict(help="peak learning rate"))
+    lr: Optional[float] = field(default=None, metadata=dict(
+        help="peak learning rate [default: 6e-4 on cuda, 3e-3 on cpu (the small demo model)]"))
     warmup_steps: int = field(default=0, metadata=dict(help="linear warmup steps"))
     lr_schedule: str = field(default="cosine", metadata=dict(
         choices=("cosine", "linear", "constant"), help="decay after warmup"))
@@ -137,7 +138,9 @@ def resolve(cfg: TrainConfig, device: str, world_size: int = 1) -> TrainConfig:
     if out.model is None:
         out.model = "d12" if cuda else "d4"
     if out.batch_size is None:
-        out.batch_size = 16 if cuda else 4
+        out.batch_size = 16 if cuda else 8
+    if out.lr is None:
+        out.lr = 6e-4 if cuda else 3e-3
     if out.seq_len is None:
         out.seq_len = 1024 if cuda else 64
     if out.max_steps is None:

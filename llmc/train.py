@@ -149,7 +149,7 @@ def run(cfg: TrainConfig) -> dict:
     fpt = flops_per_token(n_params, mc, T)
     tokens_per_step = B * T * world * accum
     summary = {"steps": cfg.max_steps, "start_step": start_step}
-    val_steps = min(cfg.val_steps, max(1, val_loader.batches_per_epoch()))
+    val_steps = min(cfg.val_steps, max(1, val_loader.rows_per_epoch // (B * world)))
 
     def save(step_done: int):
         optim = dict(backend.optim_state())
