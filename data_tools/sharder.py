@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from collections import deque
@@ -61,6 +62,11 @@ def tokenize_batch(texts: list) -> tuple:
     return np.array(ids, dtype=np.uint16), lengths
 
 
+def _worker_init() -> None:
+    """Workers ignore Ctrl-C: the main process handles it and shuts the pool down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def batches(docs: Iterator[str], max_docs: int = 1024, max_chars: int = 1 << 20):
     """Group documents into lists of at most max_docs documents / about max_chars characters."""
     batch, chars = [], 0
@@ -80,7 +86,8 @@ def tokenized(batch_iter, workers: int):
         for batch in batch_iter:
             yield tokenize_batch(batch)
         return
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init)
     try:
         pending = deque()
         for batch in batch_iter:

@@ -9,6 +9,7 @@ What is checked:
 - resume: a writer that dies after shard k, then a rerun, gives byte-identical shards and
   summary to an uninterrupted run, without rewriting (or re-reading) the finished ones;
 - data_tools.tinyshakespeare: the bundled text gives llmc.datasets' shards, --source another text;
+- the plain progress line (no tqdm): documents/s, tokens/s, shard, ETA;
 - one-line errors with exit code 2 for a missing source, a parquet without `text`, an empty
   source, a malformed jsonl line, changed flags on resume, foreign shards in --out.
 
@@ -349,3 +350,18 @@ def test_tinyshakespeare_tool(tmp_path):
                            "--source", str(tmp_path / "missing.txt")], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert_one_line_error(proc.returncode, proc.stderr, "missing.txt", "no such file")
+
+
+def test_plain_progress_line_without_tqdm(monkeypatch, capsys):
+    """Without tqdm: a stderr line with documents/s, tokens/s, the shard and an ETA."""
+    import io
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    log = io.StringIO()
+    progress = sharder.Progress("fineweb", ("documents", 1000), 0, 0, log=log, interval=0.0)
+    assert progress.bar is None
+    time.sleep(0.01)
+    progress.update(250, 100_000, shard=3)
+    progress.close()
+    line = log.getvalue().strip()
+    assert line.startswith("fineweb: 250 docs (") and "/s)" in line and "M/s)" in line
+    assert "shard 3" in line and "ETA 00:00:" in line  # 750 documents left at > 250 docs/s
