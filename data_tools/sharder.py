@@ -243,6 +243,8 @@ def prepare(source, out_dir, prefix: str, shard_size: int = 100_000_000, workers
     summary_path = out_dir / f"{prefix}_summary.json"
     if state["complete"]:
         summary = summarize(state)
+        if not summary_path.exists():
+            _write_json(summary_path, summary)
         print(f"{out_dir}: already complete ({len(summary['shards'])} shards, "
               f"{summary['tokens']:,} tokens); see {summary_path.name}", file=log)
         return summary
