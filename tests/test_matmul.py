@@ -1,0 +1,276 @@
+"""Matmul on the GPU: llmc.cublas.gemm and llmc/ops/matmul.py against NumPy / llmc.reference.
+
+cublas.gemm: the four transpose combinations, alpha/beta, batched (3-D), a or b broadcast (2-D
+with a 3-D partner), row-strided views (column slices of a wider array) and 4-D batches whose
+strides do not merge (heads of a qkv buffer); fp32 must match float64 to 1e-5 (no TF32), bf16
+to the bf16 tolerance. matmul_forward/backward: out = inp @ weight.T + bias, dinp =, dweight +=
+and dbias += onto random initial values, with and without bias, (N, C) and (B, T, C) inputs;
+the dbias reduction is bitwise deterministic. Shapes: GPT-2's (B=4, T=1024, C=768 -> 2304 and
+3072, 3072 -> 768), N=1, C=96, OC not a multiple of a block's columns. Argument validation.
+
+Run: pytest tests/test_matmul.py        (the gpu tests skip without a CUDA device)
+"""
+import ml_dtypes
+import numpy as np
+import pytest
+
+from llmc import reference
+from tests.tolerances import assert_close
+
+DTYPES = {"fp32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16)}
+UINT = {2: np.uint16, 4: np.uint32}
+NAN_BITS = {2: 0x7FC0, 4: 0x7FC00000}
+# (N rows, C in, OC out)
+SHAPES = [(4096, 768, 2304), (4096, 768, 3072), (4096, 3072, 768), (1, 768, 768), (37, 96, 40),
+          (5, 96, 8)]
+IDS = ["N%dC%dOC%d" % s for s in SHAPES]
+
+
+def device(x):
+    import cupy
+    return cupy.asarray(x.view(UINT[x.itemsize])).view(x.dtype)
+
+
+def host(a):
+    import cupy
+    return cupy.asnumpy(a.view(UINT[a.itemsize])).view(a.dtype).astype(np.float64)
+
+
+def host_bits(a):
+    import cupy
+    return cupy.asnumpy(a.view(UINT[a.itemsize]))
+
+
+def poisoned(shape, dtype):
+    import cupy
+    dt = DTYPES[dtype]
+    return cupy.full(shape, NAN_BITS[dt.itemsize], dtype=UINT[dt.itemsize]).view(dt)
+
+
+def randn(rng, shape, dtype, scale=1.0):
+    x = (scale * rng.standard_normal(shape)).astype(DTYPES[dtype])
+    return x, x.astype(np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# cublas.gemm
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("mnk", [(256, 192, 320), (1, 7, 3), (65, 33, 129)], ids=str)
+def test_gemm_transposes(mnk, trans_b, trans_a, dtype):
+    from llmc.cublas import gemm
+    M, N, K = mnk
+    rng = np.random.default_rng(M + N + K)
+    a, a64 = randn(rng, (K, M) if trans_a else (M, K), dtype)
+    b, b64 = randn(rng, (N, K) if trans_b else (K, N), dtype)
+    c = poisoned((M, N), dtype)
+    gemm(c, device(a), device(b), trans_a=trans_a, trans_b=trans_b)
+    want = (a64.T if trans_a else a64) @ (b64.T if trans_b else b64)
+    assert_close(host(c), want, dtype, "c")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_gemm_alpha_beta(dtype):
+    from llmc.cublas import gemm
+    rng = np.random.default_rng(1)
+    a, a64 = randn(rng, (64, 96), dtype)
+    b, b64 = randn(rng, (96, 48), dtype)
+    c0, c064 = randn(rng, (64, 48), dtype)
+    c = device(c0)
+    gemm(c, device(a), device(b), alpha=0.5, beta=-2.0)
+    assert_close(host(c), 0.5 * a64 @ b64 - 2.0 * c064, dtype, "c")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("bcast", ["none", "a", "b"])
+def test_gemm_batched(bcast, dtype):
+    from llmc.cublas import gemm
+    rng = np.random.default_rng(2)
+    Bt, M, N, K = 6, 40, 24, 56
+    a, a64 = randn(rng, (M, K) if bcast == "a" else (Bt, M, K), dtype)
+    b, b64 = randn(rng, (N, K) if bcast == "b" else (Bt, N, K), dtype)
+    c = poisoned((Bt, M, N), dtype)
+    gemm(c, device(a), device(b), trans_b=True)
+    want = a64 @ np.swapaxes(b64, -1, -2)
+    assert_close(host(c), np.broadcast_to(want, (Bt, M, N)), dtype, "c")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_gemm_strided_views(dtype):
+    """q/k/v column slices of a (N, 3C) buffer, and per-head views of (B, T, 3, NH, HS)."""
+    from llmc.cublas import gemm
+    rng = np.random.default_rng(3)
+    B, T, NH, HS = 3, 17, 4, 16
+    C = NH * HS
+    qkv, qkv64 = randn(rng, (B, T, 3 * C), dtype)
+    d = device(qkv)
+    # 2-D: q (N, C) with row stride 3C, times k^T
+    q2, k2 = d.reshape(B * T, 3 * C)[:, :C], d.reshape(B * T, 3 * C)[:, C:2 * C]
+    s = poisoned((B * T, B * T), dtype)
+    gemm(s, q2, k2, trans_b=True)
+    q64 = qkv64.reshape(B * T, 3 * C)[:, :C]
+    k64 = qkv64.reshape(B * T, 3 * C)[:, C:2 * C]
+    assert_close(host(s), q64 @ k64.T, dtype, "q @ k^T (row-strided)")
+    # 4-D: (B, NH, T, HS) views whose batch strides do not merge into one
+    heads = d.reshape(B, T, 3, NH, HS)
+    q4 = heads[:, :, 0].transpose(0, 2, 1, 3)
+    k4 = heads[:, :, 1].transpose(0, 2, 1, 3)
+    att = poisoned((B, NH, T, T), dtype)
+    gemm(att, q4, k4, trans_b=True)
+    h64 = qkv64.reshape(B, T, 3, NH, HS)
+    want = np.einsum("bthd,bshd->bhts", h64[:, :, 0], h64[:, :, 1])
+    assert_close(host(att), want, dtype, "per-head q @ k^T")
+    # and the output written through a strided view: y (B, T, NH, HS) seen as (B, NH, T, HS)
+    y = poisoned((B, T, NH, HS), dtype)
+    v4 = heads[:, :, 2].transpose(0, 2, 1, 3)
+    gemm(y.transpose(0, 2, 1, 3), att, v4)
+    want_y = np.einsum("bhts,bshd->bthd", host(att), h64[:, :, 2])  # att as stored
+    assert_close(host(y), want_y, dtype, "att @ v into a strided output")
+
+
+@pytest.mark.gpu
+def test_gemm_fp32_is_not_tf32():
+    """Products whose exact value TF32 (10-bit mantissa inputs) would visibly change."""
+    from llmc.cublas import gemm
+    rng = np.random.default_rng(4)
+    a = (1.0 + rng.random((512, 512)) * 2.0 ** -12).astype(np.float32)
+    b = (1.0 + rng.random((512, 512)) * 2.0 ** -12).astype(np.float32)
+    c = poisoned((512, 512), "fp32")
+    gemm(c, device(a), device(b))
+    want = a.astype(np.float64) @ b.astype(np.float64)
+    # TF32 keeps 10 mantissa bits and would drop the 2^-12 parts: relative error ~2e-4
+    assert np.max(np.abs(c.get() - want) / want) < 1e-5
+
+
+@pytest.mark.gpu
+def test_gemm_validation():
+    import cupy
+    from llmc.cublas import gemm
+    f32 = np.float32
+    a, b, c = cupy.ones((4, 8), f32), cupy.ones((8, 5), f32), cupy.empty((4, 5), f32)
+    with pytest.raises(ValueError, match="inner"):
+        gemm(c, a, cupy.ones((7, 5), f32))
+    with pytest.raises(ValueError, match="^b:"):
+        gemm(c, a, b.astype(DTYPES["bf16"]))
+    with pytest.raises(ValueError, match="^a:"):
+        gemm(c, cupy.ones((3, 8), f32), b)
+    with pytest.raises(ValueError, match="^c:"):
+        gemm(c.astype(np.float64), a, b)
+    with pytest.raises(ValueError, match="contiguous"):
+        gemm(c, cupy.ones((4, 16), f32)[:, ::2], b)
+    with pytest.raises(ValueError, match="batch"):
+        gemm(cupy.empty((2, 4, 5), f32), cupy.ones((3, 4, 8), f32), b)
+    with pytest.raises(ValueError, match="^c:"):
+        gemm(cupy.broadcast_to(cupy.empty((4, 5), f32), (2, 4, 5)), cupy.ones((2, 4, 8), f32), b)
+
+
+# ---------------------------------------------------------------------------------------------
+# matmul_forward / matmul_backward
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_forward(shape, bias, dtype):
+    from llmc.ops.matmul import matmul_forward
+    N, C, OC = shape
+    rng = np.random.default_rng(N + C + OC)
+    x, x64 = randn(rng, (N, C), dtype)
+    w, w64 = randn(rng, (OC, C), dtype, C ** -0.5)
+    b, b64 = randn(rng, (OC,), dtype)
+    out = poisoned((N, OC), dtype)
+    matmul_forward(out, device(x), device(w), device(b) if bias else None)
+    assert_close(host(out), reference.matmul_forward(x64, w64, b64 if bias else None), dtype, "out")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_forward_3d(dtype):
+    from llmc.ops.matmul import matmul_forward
+    rng = np.random.default_rng(9)
+    x, x64 = randn(rng, (4, 1024, 768), dtype)
+    w, w64 = randn(rng, (2304, 768), dtype, 768 ** -0.5)
+    b, b64 = randn(rng, (2304,), dtype)
+    out = poisoned((4, 1024, 2304), dtype)
+    matmul_forward(out, device(x), device(w), device(b))
+    assert_close(host(out), reference.matmul_forward(x64, w64, b64), dtype, "out")
+
+
+def run_backward(shape, dtype, bias, seed):
+    import cupy
+    from llmc.ops.matmul import matmul_backward, matmul_backward_scratch_size
+    N, C, OC = shape
+    rng = np.random.default_rng(seed)
+    x, x64 = randn(rng, (N, C), dtype)
+    w, w64 = randn(rng, (OC, C), dtype, C ** -0.5)
+    dout, dout64 = randn(rng, (N, OC), dtype)
+    dw0, dw064 = randn(rng, (OC, C), dtype)
+    db0, db064 = randn(rng, (OC,), dtype)
+    dinp = poisoned((N, C), dtype)
+    dw, db = device(dw0), device(db0) if bias else None
+    scratch = cupy.full(matmul_backward_scratch_size(N, OC) // 4, np.nan, dtype=cupy.float32)
+    matmul_backward(dinp, dw, db, device(dout), device(x), device(w), scratch)
+    dx_r, dw_r, db_r = reference.matmul_backward(dout64, x64, w64, has_bias=bias)
+    return (dinp, dw, db), (dx_r, dw064 + dw_r, db064 + db_r if bias else None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_backward(shape, bias, dtype):
+    (dinp, dw, db), (dx_r, dw_r, db_r) = run_backward(shape, dtype, bias, seed=sum(shape))
+    assert_close(host(dinp), dx_r, dtype, "dinp")
+    assert_close(host(dw), dw_r, dtype, "dweight")
+    if bias:
+        assert_close(host(db), db_r, dtype, "dbias")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_dbias_deterministic(dtype):
+    import cupy
+    from llmc.ops.matmul import matmul_backward, matmul_backward_scratch_size
+    N, C, OC = 65536, 64, 3072
+    rng = np.random.default_rng(5)
+    dout = device(randn(rng, (N, OC), dtype)[0])
+    x, w = device(randn(rng, (N, C), dtype)[0]), device(randn(rng, (OC, C), dtype)[0])
+    scratch = cupy.empty(matmul_backward_scratch_size(N, OC), cupy.uint8)
+    results = []
+    for _ in range(2):
+        db = cupy.zeros(OC, DTYPES[dtype])
+        dw = cupy.zeros((OC, C), DTYPES[dtype])
+        matmul_backward(cupy.empty((N, C), DTYPES[dtype]), dw, db, dout, x, w, scratch)
+        results.append(host_bits(db))
+    assert np.array_equal(results[0], results[1]), "dbias differs between runs"
+
+
+@pytest.mark.gpu
+def test_validation():
+    import cupy
+    from llmc.ops.matmul import matmul_backward, matmul_backward_scratch_size, matmul_forward
+    f32 = np.float32
+    x, w, b = cupy.ones((8, 16), f32), cupy.ones((24, 16), f32), cupy.ones(24, f32)
+    out = cupy.empty((8, 24), f32)
+    with pytest.raises(ValueError, match="inp"):
+        matmul_forward(out, cupy.ones((8, 15), f32), w, b)
+    with pytest.raises(ValueError, match="out"):
+        matmul_forward(cupy.empty((8, 23), f32), x, w, b)
+    with pytest.raises(ValueError, match="out"):
+        matmul_forward(cupy.empty((7, 24), f32), x, w, b)
+    with pytest.raises(ValueError, match="bias"):
+        matmul_forward(out, x, w, cupy.ones(23, f32))
+    with pytest.raises(ValueError, match="weight"):
+        matmul_forward(out, x, w.astype(np.float64), b)
+    small = cupy.empty(matmul_backward_scratch_size(8, 24) - 4, cupy.uint8)
+    with pytest.raises(ValueError, match="scratch"):
+        matmul_backward(cupy.empty_like(x), cupy.zeros_like(w), cupy.zeros_like(b), out, x, w,
+                        small)
+    with pytest.raises(ValueError, match="dweight"):
+        matmul_backward(cupy.empty_like(x), cupy.zeros((24, 15), f32), None, out, x, w, None)
