@@ -1,0 +1,274 @@
+"""GPT-2 on one GPU: our kernels (llmc/ops) composed over flat parameter and gradient buffers.
+
+The GPU implementation of the Model interface of docs/DESIGN.md (CPUModel is the CPU one):
+
+    model = GPUModel(mc, B, T, dtype="bf16", recompute=0, attention="auto")
+    model.load_params(llmc.params.init_params(mc, seed))       # fp32 host -> floatX device
+    model.zero_grad()
+    loss = model.forward_backward(inputs, targets, loss_scale=1.0)   # 0-d cupy f32, not synced
+    float(loss)                                                  # the one sync, when wanted
+
+Design:
+- `.params` and `.grads` are each ONE contiguous floatX buffer in the `llmc.params` layout, so
+  the optimizer, ZeRO shards and NCCL see one flat array; per-tensor views are made once.
+- Every activation is allocated at construction for (B, T) (llmc/activations.py); a training
+  step allocates nothing: the step's outputs (the mean loss) live in preallocated 0-d arrays.
+  The returned loss array is the model's own and is overwritten by the next call of the same
+  method: read it (or add it into your own buffer) before calling again.
+- Forward as llm.c: per layer ln1 -> qkv matmul (+bias) -> attention -> attproj matmul ->
+  fused residual + ln2 -> fc matmul -> gelu -> fcproj matmul -> fused residual + next ln1 (the
+  last layer's fuses lnf); logits = lnf @ wte.T (N, Vp); the fused classifier writes the losses
+  and overwrites the logits with dlogits = loss_scale/(B*T) * (softmax - onehot).
+- Backward in reverse; parameter gradients accumulate (+=), so gradient accumulation is calling
+  forward_backward again before zero_grad. `on_layer_grads(l)` is called once layer l's
+  gradients are complete (l = L-1 .. 0), then with -1 once wte, wpe, lnfw, lnfb are: data
+  parallelism starts each bucket's reduction on its own stream while the backward goes on.
+- recompute=1 keeps no GELU output per layer (one shared buffer, recomputed in the backward).
+- attention: "auto" | "flash" | "matmul", resolved by llmc.ops.attention.resolve_method.
+- Ops are called through their modules (`matmul.matmul_forward`), so a profiler may wrap them
+  (bench/e2e.py --profile).
+
+Shapes: B batch, T time, C channels, NH heads, L layers, N = B*T, V / Vp (padded) vocabulary.
+Tests: pytest -m gpu tests/test_gpu_model.py tests/test_gpu_train.py
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from llmc.activations import Activations
+from llmc.config import ModelConfig
+from llmc.ops import BF16, F32, as_dtype
+from llmc.ops import attention, classifier, encoder, gelu, layernorm, matmul
+from llmc.params import num_params, views
+
+LAYER_PARAMS = ("ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
+                "ln2w", "ln2b", "fcw", "fcb", "fcprojw", "fcprojb")
+DTYPES = {"bf16": BF16, "fp32": F32}
+
+
+class GPUModel:
+    """GPT-2 forward/backward on the current CUDA device; see the module docstring."""
+
+    def __init__(self, mc: ModelConfig, B: int, T: int, dtype: str = "bf16", recompute: int = 0,
+                 attention: str = "auto"):
+        import cupy
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+        if B < 1 or T < 1:
+            raise ValueError(f"B and T must be >= 1, got B={B}, T={T}")
+        if T > mc.block_size:
+            raise ValueError(f"T={T} is above the model's block_size={mc.block_size}; "
+                             f"use T <= {mc.block_size}")
+        if recompute not in (0, 1):
+            raise ValueError(f"recompute must be 0 or 1, got {recompute!r}")
+        pack = 16 // DTYPES[dtype].itemsize
+        if mc.n_embd % pack != 0:
+            raise ValueError(f"n_embd={mc.n_embd} must be a multiple of {pack} for {dtype} "
+                             "(the kernels' 128-bit access)")
+        self.mc, self.B, self.T = mc, B, T
+        self.dtype, self.recompute = dtype, recompute
+        self.floatX = DTYPES[dtype]
+        self.attention = _resolve_attention(attention, self.floatX, mc.head_size)
+        n = num_params(mc)
+        self.params = cupy.zeros(n, dtype=self.floatX)
+        self.grads = cupy.zeros(n, dtype=self.floatX)
+        self._p, self._g = views(self.params, mc), views(self.grads, mc)
+        L = mc.n_layer
+        self._pl = [{k: self._p[k][l] for k in LAYER_PARAMS} for l in range(L)]
+        self._gl = [{k: self._g[k][l] for k in LAYER_PARAMS} for l in range(L)]
+        self.acts = Activations(mc, B, T, self.floatX, recompute, self.attention)
+        a = self.acts
+        self._encoded3 = a.encoded.reshape(B, T, mc.n_embd)
+        self._dresidual3 = a.dresidual.reshape(B, T, mc.n_embd)
+        self._loss = cupy.zeros((), dtype=np.float32)       # forward_backward's mean loss
+        self._eval_loss = cupy.zeros((), dtype=np.float32)  # forward's mean loss
+
+    # -----------------------------------------------------------------------------------------
+    # parameters
+
+    def load_params(self, flat) -> None:
+        """Copy a host flat (N,) float buffer into `.params` (rounded to nearest for bf16)."""
+        flat = np.asarray(flat)
+        if flat.shape != self.params.shape:
+            raise ValueError(f"load_params: expected a flat buffer of shape {self.params.shape} "
+                             f"for this model, got {flat.shape}")
+        if flat.dtype != BF16 and not np.issubdtype(flat.dtype, np.floating):
+            raise ValueError(f"load_params: expected a float buffer, got dtype {flat.dtype}")
+        host = np.ascontiguousarray(flat.astype(np.float32, copy=False).astype(self.floatX))
+        from_host(self.params, host)
+
+    def params_fp32(self) -> np.ndarray:
+        """The working parameters as a host float32 (N,) array (exact: bf16 widens exactly)."""
+        return to_host(self.params).astype(np.float32)
+
+    def zero_grad(self) -> None:
+        self.grads.data.memset_async(0, self.grads.nbytes)
+
+    # -----------------------------------------------------------------------------------------
+    # the model interface
+
+    def forward_backward(self, inputs, targets, loss_scale: float = 1.0, on_layer_grads=None):
+        """Accumulate loss_scale * d(mean loss)/dparams into `.grads`; mean loss (0-d cupy f32)."""
+        import cupy
+        a = self.acts
+        inp = self._tokens("inputs", inputs, a.inputs)
+        tgt = self._tokens("targets", targets, a.targets)
+        self._forward(inp)
+        classifier.fused_classifier(a.logits, a.losses, tgt.reshape(-1), self.mc.vocab_size,
+                                    float(loss_scale) / a.N, write_dlogits=True)
+        cupy.mean(a.losses, out=self._loss)
+        self._backward(inp, on_layer_grads)
+        return self._loss
+
+    def forward(self, inputs, targets=None):
+        """Mean loss (0-d cupy f32, not synced) without touching `.grads`; None without targets."""
+        import cupy
+        a = self.acts
+        inp = self._tokens("inputs", inputs, a.inputs)
+        tgt = None if targets is None else self._tokens("targets", targets, a.targets)
+        self._forward(inp)
+        if tgt is None:
+            return None
+        classifier.fused_classifier(a.logits, a.losses, tgt.reshape(-1), self.mc.vocab_size,
+                                    1.0, write_dlogits=False)
+        cupy.mean(a.losses, out=self._eval_loss)
+        return self._eval_loss
+
+    def logits(self, inputs) -> np.ndarray:
+        """float32 (B', T', V) host logits for int tokens (B', T'), B' <= B, T' <= T.
+
+        Shorter inputs are padded with token 0 at the end; attention is causal, so the padding
+        does not change the logits of the real positions.
+        """
+        x = np.asarray(inputs)
+        if x.ndim != 2 or not (1 <= x.shape[0] <= self.B and 1 <= x.shape[1] <= self.T):
+            raise ValueError(f"inputs must have shape (B', T') with 1 <= B' <= {self.B} and "
+                             f"1 <= T' <= {self.T}, got {x.shape}")
+        Bc, Tc = x.shape
+        padded = np.zeros((self.B, self.T), dtype=np.int32)
+        padded[:Bc, :Tc] = _check_host_tokens("inputs", x, self.mc.vocab_size)
+        self._forward(self._tokens("inputs", padded, self.acts.inputs))
+        V = self.mc.vocab_size
+        rows = self.acts.logits.reshape(self.B, self.T, -1)[:Bc, :Tc, :V]
+        return to_host(rows).astype(np.float32)
+
+    # -----------------------------------------------------------------------------------------
+    def _tokens(self, name, x, staging):
+        """A device int32 (B, T) array for `x`: x itself when it already is one, else a copy
+        into the preallocated `staging` buffer (host arrays go over on the current stream)."""
+        import cupy
+        shape = (self.B, self.T)
+        if isinstance(x, cupy.ndarray):
+            if x.shape != shape:
+                raise ValueError(f"{name}: expected shape {shape}, got {x.shape}")
+            if x.dtype == np.int32 and x.flags.c_contiguous and x.device.id == staging.device.id:
+                return x
+            if x.dtype.kind not in "iu":
+                raise ValueError(f"{name}: expected integer token ids, got dtype {x.dtype}")
+            staging[...] = x
+            return staging
+        host = _check_host_tokens(name, np.asarray(x), self.mc.vocab_size)
+        if host.shape != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {host.shape}")
+        stream = cupy.cuda.get_current_stream()
+        staging.set(host, stream=stream)  # pageable source: staged before the call returns
+        return staging
+
+    def _forward(self, inp) -> None:
+        """Encoder, L blocks, lnf, logits (N, Vp) into self.acts."""
+        a, p, mc = self.acts, self._p, self.mc
+        L, NH = mc.n_layer, mc.n_head
+        encoder.encoder_forward(self._encoded3, inp, p["wte"], p["wpe"])
+        layernorm.layernorm_forward(a.ln1[0], a.ln1_mean[0], a.ln1_rstd[0], a.encoded,
+                                    p["ln1w"][0], p["ln1b"][0])
+        for l in range(L):
+            w = self._pl[l]
+            residual = a.encoded if l == 0 else a.residual3[l - 1]
+            matmul.matmul_forward(a.qkv_l[l], a.ln1[l], w["qkvw"], w["qkvb"])
+            attention.attention_forward(a.atty_l[l], a.saved[l], a.qkv_l[l], NH, a.attn_scratch)
+            matmul.matmul_forward(a.btc, a.atty_l[l], w["attprojw"], w["attprojb"])
+            layernorm.fused_residual_layernorm_forward(
+                a.residual2[l], a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], residual, a.btc,
+                w["ln2w"], w["ln2b"])
+            matmul.matmul_forward(a.fch[l], a.ln2[l], w["fcw"], w["fcb"])
+            gelu.gelu_forward(a.fch_gelu[l], a.fch[l])
+            matmul.matmul_forward(a.btc, a.fch_gelu[l], w["fcprojw"], w["fcprojb"])
+            if l + 1 < L:
+                out, mean, rstd = a.ln1[l + 1], a.ln1_mean[l + 1], a.ln1_rstd[l + 1]
+                nw, nb = p["ln1w"][l + 1], p["ln1b"][l + 1]
+            else:
+                out, mean, rstd, nw, nb = a.lnf, a.lnf_mean, a.lnf_rstd, p["lnfw"], p["lnfb"]
+            layernorm.fused_residual_layernorm_forward(
+                a.residual3[l], out, mean, rstd, a.residual2[l], a.btc, nw, nb)
+        matmul.matmul_forward(a.logits, a.lnf, p["wte"], None)
+
+    def _backward(self, inp, on_layer_grads) -> None:
+        """From dlogits (in a.logits) to every parameter gradient (+=)."""
+        a, p, g, mc = self.acts, self._p, self._g, self.mc
+        L, NH, s = mc.n_layer, mc.n_head, a.scratch
+        a.dresidual.data.memset_async(0, a.dresidual.nbytes)  # the LayerNorm backwards add into it
+        matmul.matmul_backward(a.btc, g["wte"], None, a.logits, a.lnf, p["wte"], s)
+        layernorm.layernorm_backward(a.dresidual, g["lnfw"], g["lnfb"], a.btc, a.residual3[L - 1],
+                                     p["lnfw"], a.lnf_mean, a.lnf_rstd, s)
+        for l in reversed(range(L)):
+            w, dw = self._pl[l], self._gl[l]
+            residual = a.encoded if l == 0 else a.residual3[l - 1]
+            # MLP: residual3 = residual2 + fcproj(gelu(fc(ln2(residual2))))
+            if self.recompute:
+                gelu.gelu_forward(a.fch_gelu[l], a.fch[l])
+            matmul.matmul_backward(a.dfch, dw["fcprojw"], dw["fcprojb"], a.dresidual,
+                                   a.fch_gelu[l], w["fcprojw"], s)
+            gelu.gelu_backward(a.dfch, a.fch[l], a.dfch)
+            matmul.matmul_backward(a.btc, dw["fcw"], dw["fcb"], a.dfch, a.ln2[l], w["fcw"], s)
+            layernorm.layernorm_backward(a.dresidual, dw["ln2w"], dw["ln2b"], a.btc,
+                                         a.residual2[l], w["ln2w"], a.ln2_mean[l],
+                                         a.ln2_rstd[l], s)
+            # attention: residual2 = residual + attproj(attn(qkv(ln1(residual))))
+            matmul.matmul_backward(a.btc, dw["attprojw"], dw["attprojb"], a.dresidual,
+                                   a.atty_l[l], w["attprojw"], s)
+            attention.attention_backward(a.dqkv, a.btc3, a.qkv_l[l], a.atty_l[l], a.saved[l], NH,
+                                         a.attn_scratch)
+            matmul.matmul_backward(a.btc, dw["qkvw"], dw["qkvb"], a.dqkv, a.ln1[l], w["qkvw"], s)
+            layernorm.layernorm_backward(a.dresidual, dw["ln1w"], dw["ln1b"], a.btc, residual,
+                                         w["ln1w"], a.ln1_mean[l], a.ln1_rstd[l], s)
+            if on_layer_grads is not None:
+                on_layer_grads(l)
+        encoder.encoder_backward(g["wte"], g["wpe"], self._dresidual3, inp, s)
+        if on_layer_grads is not None:
+            on_layer_grads(-1)
+
+
+def _resolve_attention(method: str, floatX, head_size: int) -> str:
+    return attention.resolve_method(method, as_dtype(floatX), head_size)
+
+
+def _check_host_tokens(name, x: np.ndarray, V: int) -> np.ndarray:
+    """Host int tokens -> int32, every id in [0, V) (checked here: it costs no device sync)."""
+    if x.dtype.kind not in "iu":
+        raise ValueError(f"{name}: expected integer token ids, got dtype {x.dtype}")
+    if x.size and (int(x.min()) < 0 or int(x.max()) >= V):
+        raise ValueError(f"{name}: token ids must lie in [0, {V}), got range "
+                         f"[{int(x.min())}, {int(x.max())}]")
+    return np.ascontiguousarray(x, dtype=np.int32)
+
+
+_RAW = {2: np.uint16, 4: np.uint32}
+
+
+def to_host(arr) -> np.ndarray:
+    """Device floatX array (any strides) -> contiguous host array of the same dtype.
+
+    Moved as raw bits (uint16/uint32 views), so no CuPy kernel ever has to know bfloat16.
+    """
+    import cupy
+    raw = _RAW[arr.itemsize]
+    return np.ascontiguousarray(cupy.asnumpy(arr.view(raw))).view(arr.dtype)
+
+
+def from_host(dst, host: np.ndarray) -> None:
+    """Contiguous host array -> contiguous device `dst` of the same dtype and size (raw bits)."""
+    import cupy
+    raw = _RAW[dst.itemsize]
+    stream = cupy.cuda.get_current_stream()
+    dst.view(raw).set(np.ascontiguousarray(host).view(raw).reshape(dst.shape), stream=stream)
+    stream.synchronize()  # the pageable host buffer may be freed when we return
