@@ -44,3 +44,65 @@ def flops_info(flops: int, ms: float) -> dict:
     fps = flops / (ms * 1e-3)
     return {"ms": round(ms, 4), "flops": int(flops), "TFLOP_per_s": round(fps / 1e12, 1),
             "frac_of_780TFLOP_per_s": round(fps / PEAK_FLOPS, 3)}
+
+
+def record(benchmark, fn, *, nbytes: int | None = None, flops: int | None = None,
+           warmup: int = 3, iters: int = 20, rounds: int = 10) -> float:
+    """Time fn() with CUDA events (median ms), run it under pytest-benchmark (synchronized
+    rounds), and put ms plus GB/s or TFLOP/s and their peak fractions in extra_info."""
+    import cupy
+    ms = cuda_time(fn, warmup, iters)
+
+    def synced():
+        fn()
+        cupy.cuda.get_current_stream().synchronize()
+
+    benchmark.pedantic(synced, rounds=rounds, warmup_rounds=1, iterations=1)
+    benchmark.extra_info["ms"] = round(ms, 4)
+    if nbytes is not None:
+        benchmark.extra_info.update(bandwidth_info(nbytes, ms))
+    if flops is not None:
+        benchmark.extra_info.update(flops_info(flops, ms))
+    return ms
+
+
+def torch_peer(info: dict, name: str, make, ours_ms: float, warmup: int = 3, iters: int = 20):
+    """Time a PyTorch peer on the same GPU: make() imports torch and returns the callable.
+
+    Records info[f"{name}_ms"] and info[f"speedup_vs_{name}"] (> 1: we are faster); a missing
+    torch or an out-of-memory is recorded instead of failing the benchmark. Both libraries run
+    on the legacy default stream, so CuPy events time the torch work.
+    """
+    try:
+        fn = make()
+        ms = cuda_time(fn, warmup, iters)
+    except (ImportError, RuntimeError) as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        info[f"{name}_ms"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
+        return None
+    info[f"{name}_ms"] = round(ms, 4)
+    info[f"speedup_vs_{name}"] = round(ms / ours_ms, 3)
+    return ms
+
+
+_UINT = {2: np.uint16, 4: np.uint32}
+
+
+def device_randn(shape, dtype, seed: int = 0, scale: float = 1.0, block: int = 1 << 22):
+    """A device array of `dtype` (float32 or ml_dtypes.bfloat16) filled with N(0, scale^2) values.
+
+    Drawn on the host in one block of `block` values, rounded there, and tiled on the device as
+    raw bits: fast for 100M+ element benchmark buffers and independent of CuPy's bf16 support.
+    """
+    import cupy
+    dt = np.dtype(dtype)
+    n = int(np.prod(shape))
+    base = (scale * np.random.default_rng(seed).standard_normal(min(n, block))).astype(dt)
+    bits = cupy.asarray(base.view(_UINT[dt.itemsize]))
+    reps = -(-n // bits.size)
+    return cupy.tile(bits, reps)[:n].reshape(shape).view(dt)
+
+
+def to_host(a) -> np.ndarray:
+    """float64 host copy of a float32 or bf16 device array (through its raw bits)."""
+    import cupy
+    return cupy.asnumpy(a.view(_UINT[a.dtype.itemsize])).view(a.dtype).astype(np.float64)

@@ -43,7 +43,8 @@ extern "C" __global__ void encoder_forward(floatX* out, const int* inp, const fl
         x128 e = load128(wte + (long long)tok * C + c);
         x128 p = load128(wpe + (long long)t * C + c);
         #pragma unroll
-        for (int k = 0; k < x128::size; k++) r[k] = from_float<floatX>(to_float(e[k]) + to_float(p[k]));
+        for (int k = 0; k < x128::size; k++)
+            r[k] = from_float<floatX>(to_float(e[k]) + to_float(p[k]));
     }
     store128(out + (long long)bt * C + c, r);
 }

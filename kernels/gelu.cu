@@ -1,7 +1,8 @@
 /* GELU, tanh approximation (GPT-2's MLP nonlinearity).
 
    forward:  out = 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3)
-   backward: dinp = dout * (0.5 (1 + tanh(u)) + 0.5 x (1 - tanh(u)^2) sqrt(2/pi) (1 + 3*0.044715 x^2))
+   backward: dinp = dout * (0.5 (1 + tanh(u)) + 0.5 x (1 - tanh(u)^2) du/dx),
+             du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
 
    Shapes: any, flattened to n elements (the MLP hidden activation is (B, T, 4C)).
    Saved for backward: the input x (the model keeps the pre-activation fch).

@@ -112,10 +112,12 @@ extern "C" __global__ void residual_forward(floatX* out, const floatX* inp1, con
         x128 b = load128cs(inp2 + i);
         x128 r;
         #pragma unroll
-        for (int k = 0; k < x128::size; k++) r[k] = from_float<floatX>(to_float(a[k]) + to_float(b[k]));
+        for (int k = 0; k < x128::size; k++)
+            r[k] = from_float<floatX>(to_float(a[k]) + to_float(b[k]));
         store128(out + i, r);
     } else {
-        for (long long j = i; j < n; j++) out[j] = from_float<floatX>(to_float(inp1[j]) + to_float(inp2[j]));
+        for (long long j = i; j < n; j++)
+            out[j] = from_float<floatX>(to_float(inp1[j]) + to_float(inp2[j]));
     }
 }
 

@@ -63,7 +63,8 @@ extern "C" __global__ void bias_backward_partial(float* partial, const floatX* d
 }
 
 // dbias += column sums of partial (G, OC), in row order. Grid ceil(OC / 32), block (32, 32).
-extern "C" __global__ void bias_backward_reduce(floatX* dbias, const float* partial, int G, int OC) {
+extern "C" __global__ void bias_backward_reduce(floatX* dbias, const float* partial, int G,
+                                                int OC) {
     __shared__ float scratch[32 * 32];
     const float sum = column_sum_fixed_order(partial, G, OC, scratch);
     const int col = blockIdx.x * 32 + threadIdx.x;

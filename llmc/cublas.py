@@ -163,7 +163,8 @@ def gemm(c, a, b, *, trans_a: bool = False, trans_b: bool = False, alpha: float 
     sa = _batch_strides("a", a, batch_shape)
     sb = _batch_strides("b", b, batch_shape)
     if any(s == 0 and n > 1 for s, n in zip(sc, batch_shape)) or any(s < 0 for s in sc):
-        raise ValueError(f"c: batch strides must be positive (no broadcast output), got {c.strides}")
+        raise ValueError(f"c: batch strides must be positive (no broadcast output), "
+                         f"got {c.strides}")
     if any(s < 0 for s in sa + sb):
         raise ValueError("a/b: negative strides are not supported")
     if c.size == 0:

@@ -64,7 +64,8 @@ def test_global_norm_squared(n, dtype):
     want = optim.global_norm(g.astype(np.float32)) ** 2
     assert_close(got.get(), np.array([want]), "fp32", "norm_sq")
     again = norm_sq(d)
-    assert got.get().view(np.uint32)[0] == again.get().view(np.uint32)[0], "norm_sq not deterministic"
+    assert got.get().view(np.uint32)[0] == again.get().view(np.uint32)[0], \
+        "norm_sq not deterministic"
 
 
 def make_state(n, dtype, seed, grad_scale=1.0):

@@ -93,7 +93,8 @@ def test_fused_residual_forward(shape, dtype):
                                      device(w), device(b))
     assert np.array_equal(host_bits(residual), resid_ref.view(UINT[resid_ref.itemsize])), \
         "residual: must be inp1 + inp2 rounded once to the storage dtype"
-    ref_out, ref_mean, ref_rstd = reference.layernorm_forward(resid_ref.astype(np.float64), w64, b64)
+    ref_out, ref_mean, ref_rstd = reference.layernorm_forward(resid_ref.astype(np.float64), w64,
+                                                              b64)
     assert_close(host(out), ref_out, dtype, "out")
     assert_close(mean.get(), ref_mean, "fp32", "mean")
     assert_close(rstd.get(), ref_rstd, "fp32", "rstd")

@@ -252,6 +252,29 @@ def test_dbias_deterministic(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_bias_backward_alone(dtype):
+    """bias_backward gives the dbias of matmul_backward, bit for bit, on a (B, T, OC) dout."""
+    import cupy
+    from llmc.ops.matmul import bias_backward, matmul_backward, matmul_backward_scratch_size
+    N, C, OC = 999, 96, 264
+    rng = np.random.default_rng(6)
+    x, _ = randn(rng, (N, C), dtype)
+    w, _ = randn(rng, (OC, C), dtype)
+    dout, dout64 = randn(rng, (N, OC), dtype)
+    db0, db064 = randn(rng, (OC,), dtype)
+    scratch = cupy.empty(matmul_backward_scratch_size(N, OC), cupy.uint8)
+    with_products = device(db0)
+    matmul_backward(cupy.empty((N, C), DTYPES[dtype]), cupy.zeros((OC, C), DTYPES[dtype]),
+                    with_products, device(dout), device(x), device(w), scratch)
+    alone = device(db0)
+    bias_backward(alone, device(dout).reshape(27, 37, OC), scratch)
+    assert np.array_equal(host_bits(alone), host_bits(with_products)), \
+        "bias_backward differs from matmul_backward's dbias"
+    assert_close(host(alone), db064 + dout64.sum(0), dtype, "dbias")
+
+
+@pytest.mark.gpu
 def test_validation():
     import cupy
     from llmc.ops.matmul import matmul_backward, matmul_backward_scratch_size, matmul_forward

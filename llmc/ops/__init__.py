@@ -1,4 +1,5 @@
-"""GPU ops: one thin launcher module per kernel family (kernels/<family>.cu -> llmc/ops/<family>.py).
+"""GPU ops: one thin launcher module per kernel family,
+kernels/<family>.cu -> llmc/ops/<family>.py.
 
 Every launcher validates its arguments with `check` (shape, dtype, C-contiguity, device; a
 `ValueError` naming the argument, what was expected and what came), picks the module variant
@@ -50,7 +51,8 @@ def check(name: str, arr, shape=None, dtype=None, *, contiguous: bool = True):
         raise ValueError(f"{name}: expected a cupy.ndarray, got {type(arr).__name__}")
     if shape is not None:
         shape = tuple(shape)
-        if arr.ndim != len(shape) or any(s is not None and s != g for s, g in zip(shape, arr.shape)):
+        if arr.ndim != len(shape) or any(s is not None and s != g
+                                         for s, g in zip(shape, arr.shape)):
             want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
             raise ValueError(f"{name}: expected shape {want}, got {tuple(arr.shape)}")
     if dtype is not None:

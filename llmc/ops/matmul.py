@@ -5,6 +5,7 @@
     matmul_backward(dinp (N,C) =, dweight (OC,C) +=, dbias (OC,) += | None, dout (N,OC), inp,
                     weight, scratch)
         dinp = dout @ weight ; dweight += dout.T @ inp ; dbias += sum over rows of dout
+    bias_backward(dbias (OC,) +=, dout (N,OC), scratch)      the dbias part alone
 
 Rows may be (N, X) or (B, T, X). With a bias, the forward writes the bias into every row of out
 and lets the product add onto it (beta = 1): one pass over out instead of a separate bias-add
@@ -101,12 +102,34 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, scratch):
         partial = check_scratch("scratch", scratch, matmul_backward_scratch_size(N, OC))
     cublas.gemm(dx, g, weight)
     cublas.gemm(dweight, g, x, trans_a=True, beta=1.0)
-    if dbias is not None and N > 0:
-        G, rows = _dbias_grid(N)
-        size = pack_size(dt)
-        kernels.function("matmul", "bias_backward_partial", dt)(
-            (ceil_div(OC, 32 * size), G), (32, DBIAS_BY),
-            (partial, g, np.int32(N), np.int32(OC), np.int32(rows)),
-            shared_mem=32 * DBIAS_BY * size * 4)
-        kernels.function("matmul", "bias_backward_reduce", dt)(
-            (ceil_div(OC, 32),), (32, 32), (dbias, partial, np.int32(G), np.int32(OC)))
+    if dbias is not None:
+        _bias_backward(dbias, g, partial, dt)
+
+
+def _bias_backward(dbias, dout2d, partial, dt):
+    N, OC = dout2d.shape
+    if N == 0:
+        return
+    G, rows = _dbias_grid(N)
+    size = pack_size(dt)
+    kernels.function("matmul", "bias_backward_partial", dt)(
+        (ceil_div(OC, 32 * size), G), (32, DBIAS_BY),
+        (partial, dout2d, np.int32(N), np.int32(OC), np.int32(rows)),
+        shared_mem=32 * DBIAS_BY * size * 4)
+    kernels.function("matmul", "bias_backward_reduce", dt)(
+        (ceil_div(OC, 32),), (32, 32), (dbias, partial, np.int32(G), np.int32(OC)))
+
+
+def bias_backward(dbias, dout, scratch):
+    """dbias (OC,) += column sums of dout (N, OC) alone (matmul_backward does this too)."""
+    dt = dtype_name(dbias, "dbias")
+    check("dbias", dbias, (None,), dt)
+    OC = dbias.shape[0]
+    check("dout", dout, dtype=dt)
+    g = _as_rows("dout", dout, OC)
+    if OC % pack_size(dt) != 0:
+        raise ValueError(f"dbias: OC must be a multiple of {pack_size(dt)} for {dt} "
+                         f"(128-bit access), got OC={OC}")
+    check_aligned("dout", dout)
+    partial = check_scratch("scratch", scratch, matmul_backward_scratch_size(g.shape[0], OC))
+    _bias_backward(dbias, g, partial, dt)
