@@ -9,12 +9,15 @@ Same weights, same batch:
 - 10 AdamW steps (weight decay, clipping) on one batch: the loss and the gradient norm of every
   step agree with torch.optim.AdamW + clip_grad_norm_ (llmc's decay groups).
 
-bf16 tolerances (llmc bf16 vs torch fp32; a bf16 rounding alone is 2^-9 relative):
+bf16 tolerances (llmc bf16 vs torch fp32; a bf16 rounding alone is 2^-9 relative). Expected:
+a CPU emulation that rounds every stored activation/gradient to bf16 (4 layers, C=256, the real
+vocabulary) gives logits 5e-3, loss 2e-4 absolute, every gradient 2e-3..7e-3; the bounds leave
+room for 12 layers and for the kernels' own bf16 intermediates (flash attention's P in bf16):
 | quantity                              | bound                     |
 | ------------------------------------- | ------------------------- |
 | logits, norm-wise relative            | 2e-2                      |
-| mean loss, absolute                   | 2e-2                      |
-| each parameter gradient, norm-wise    | 6e-2                      |
+| mean loss, absolute                   | 1e-2                      |
+| each parameter gradient, norm-wise    | 5e-2                      |
 | 10-step losses, absolute, every step  | 3e-2                      |
 | 10-step gradient norms, relative      | 5e-2                      |
 fp32: logits/gradients 1e-4 norm-wise, loss 1e-5 relative; 10-step losses 1e-4 relative.
@@ -34,7 +37,7 @@ pytestmark = pytest.mark.gpu
 SMALL = ModelConfig(n_layer=2, n_head=2, n_embd=128, vocab_size=1000, padded_vocab_size=1024,
                     block_size=128)
 CONFIGS = {"small": (SMALL, 4, 64), "d12": (model_config("d12"), 4, 1024)}
-BF16_TOL = dict(logits=2e-2, loss=2e-2, grad=6e-2, traj_loss=3e-2, traj_norm=5e-2)
+BF16_TOL = dict(logits=2e-2, loss=1e-2, grad=5e-2, traj_loss=3e-2, traj_norm=5e-2)
 FP32_TOL = dict(logits=1e-4, loss=1e-5, grad=1e-4, traj_loss=1e-4, traj_norm=1e-4)
 
 
@@ -163,7 +166,7 @@ def test_bf16_matches_torch(torch, name, method):
     compare_to_torch(torch, name, "bf16", method)
 
 
-def test_logits_of_shorter_inputs(torch):
+def test_logits_of_shorter_inputs():
     """B' < B, T' < T: padded internally; the causal logits equal the full run's prefix."""
     mc, B, T = CONFIGS["small"]
     flat = weights(mc)
