@@ -1,0 +1,209 @@
+// Tensor-core tile machinery of causal flash attention, shared by flash_attention.cu (forward)
+// and flash_attention_bwd.cu (backward). Head size 64, bf16 storage, fp32 accumulation.
+//
+// Every product the kernels form is a 16-row warp strip held in registers (the mma A operand)
+// times a 64-row bf16 tile in shared memory, used either transposed (the tile's rows are the
+// product's n index, as K in S = Q K^T) or as stored (the tile's rows are its k index, as V in
+// O = P V). Tiles arrive by cp.async and go to fragments by ldmatrix.
+//
+// Fragment layouts of mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 (PTX ISA), for lane l,
+// g = l / 4, t = l % 4; a 32-bit register holds two bf16, the lower column in the low half:
+//   A 16x16:  a0 = A[g][2t..2t+1]  a1 = A[g+8][2t..2t+1]  a2 = A[g][2t+8..2t+9]  a3 = A[g+8][2t+8..]
+//   B 16x8:   b0 = B[2t..2t+1][g]  b1 = B[2t+8..2t+9][g]
+//   C 16x8:   c0, c1 = C[g][2t..2t+1]  c2, c3 = C[g+8][2t..2t+1]
+// So the C fragments of n-tiles 2j and 2j+1, packed to bf16, are exactly the A fragment of
+// k-chunk j of the next product: P and dS go from one mma to the next without leaving registers.
+// ldmatrix.x4: lanes 8i..8i+7 address the 8 rows of 8x8 matrix i; register i of lane l receives
+// row l/4, columns 2t..2t+1 of matrix i (with .trans: rows 2t..2t+1 of column l/4).
+//
+// Shared tiles: a row of 64 bf16 is 128 bytes = 8 chunks of 16 bytes; chunk c of row r is kept
+// at chunk c ^ (r % 8), so the 8 rows that one ldmatrix matrix reads fall in 8 different bank
+// groups, and so do the 8 rows a warp's fragment stores touch.
+#pragma once
+#include "common.cuh"
+
+constexpr int FA_HS = 64;          // head size: one 128-byte tile row
+constexpr int FA_TILE = 64;        // rows of the streamed tiles (keys forward and dQ, queries dK/dV)
+constexpr int FA_TILE_BYTES = FA_TILE * FA_HS * 2;
+constexpr int FA_GROUP = 16;       // heads scheduled together (see fa_schedule)
+constexpr float FA_LOG2E = 1.4426950408889634f;
+// softmax(s / 8) = 2^(s * FA_SCALE_LOG2 - m * FA_SCALE_LOG2) / sum: one FFMA per score
+constexpr float FA_SCALE = 0.125f;  // 1 / sqrt(FA_HS)
+constexpr float FA_SCALE_LOG2 = FA_SCALE * FA_LOG2E;
+
+extern __shared__ __align__(128) unsigned char fa_smem[];
+
+// ---- PTX wrappers ----
+__device__ __forceinline__ unsigned fa_smem_u32(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+// src_bytes = 0 zero-fills the destination: rows past T read as zeros, never as stale data
+// (a masked score times a NaN from an unwritten V row would still be NaN).
+__device__ __forceinline__ void fa_cp_async16(unsigned dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void fa_cp_async4(unsigned dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void fa_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void fa_cp_async_wait_all() {
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+__device__ __forceinline__ void fa_ldmatrix_x4(unsigned r[4], unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void fa_ldmatrix_x4_trans(unsigned r[4], unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+// c += a * b on one 16x8x16 tile
+__device__ __forceinline__ void fa_mma(float c[4], const unsigned a[4], unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// 2^x in one MUFU op (exp2f would add range fix-ups); 2^-inf = +0 gives masked scores P = 0.
+__device__ __forceinline__ float fa_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+// ---- end of PTX wrappers ----
+
+__device__ __forceinline__ unsigned fa_pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (lo) is the low half
+    return *reinterpret_cast<unsigned*>(&v);
+}
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile.
+__device__ __forceinline__ unsigned fa_offset(int row, int chunk) {
+    return row * 128 + ((chunk ^ (row & 7)) << 4);
+}
+
+// Start copying ROWS rows of 64 bf16 (row r at src + r * stride) into the tile at `dst`; rows
+// from `valid` on are zero-filled (their source address is clamped to row 0, never read).
+template <int ROWS, int NTHREADS>
+__device__ __forceinline__ void fa_load_tile(unsigned dst, const __nv_bfloat16* src,
+                                             long long stride, int valid) {
+    static_assert((ROWS * 8) % NTHREADS == 0, "whole chunks per thread");
+#pragma unroll
+    for (int j = 0; j < ROWS * 8 / NTHREADS; j++) {
+        const int i = threadIdx.x + j * NTHREADS;
+        const int r = i >> 3, c = i & 7;
+        const bool ok = r < valid;
+        fa_cp_async16(dst + fa_offset(r, c), src + (ok ? r : 0) * stride + c * 8, ok);
+    }
+}
+
+// Start copying 64 floats (src[0..valid), zeros after) into `dst`; threads 0..63 take one each.
+__device__ __forceinline__ void fa_load_row64(unsigned dst, const float* src, int valid) {
+    const int i = threadIdx.x;
+    if (i < FA_TILE) fa_cp_async4(dst + 4 * i, src + (i < valid ? i : 0), i < valid);
+}
+
+// Copy the first `valid` rows of a tile to global rows dst + r * stride, 16 bytes a thread.
+template <int ROWS, int NTHREADS>
+__device__ __forceinline__ void fa_store_tile(__nv_bfloat16* dst, long long stride, int valid,
+                                              const unsigned char* tile) {
+    static_assert((ROWS * 8) % NTHREADS == 0, "whole chunks per thread");
+#pragma unroll
+    for (int j = 0; j < ROWS * 8 / NTHREADS; j++) {
+        const int i = threadIdx.x + j * NTHREADS;
+        const int r = i >> 3, c = i & 7;
+        if (r < valid)
+            *reinterpret_cast<int4*>(dst + r * stride + c * 8) =
+                *reinterpret_cast<const int4*>(tile + fa_offset(r, c));
+    }
+}
+
+// The ldmatrix addresses below are (tile + lane offset) ^ (k-chunk << 5) + 2048 * (16-row
+// group): one XOR and an immediate per load. Valid because every lane row is a multiple of 8
+// plus lane & 7, so chunk 2kc + x lands at (2kc + x) ^ (lane & 7) = 2kc ^ (x ^ (lane & 7)).
+
+// A fragments of tile rows [r0, r0 + 16), all four 16-column k-chunks: a[kc][0..3].
+__device__ __forceinline__ void fa_load_a(unsigned a[4][4], unsigned tile, int r0, int lane) {
+    const unsigned off = fa_offset(r0 + (lane & 15), lane >> 4);
+#pragma unroll
+    for (int kc = 0; kc < 4; kc++) fa_ldmatrix_x4(a[kc], tile + (off ^ (kc << 5)));
+}
+
+// acc (16 x 64) += A (16 x 64, fragments a) * tile^T: the tile's 64 rows are the n index.
+// Matrices of one ldmatrix: (rows +0..7, chunk 2kc), (+0..7, 2kc+1), (+8..15, 2kc), (+8..15,
+// 2kc+1) = b0, b1 of n-tile 2p, then b0, b1 of n-tile 2p+1.
+__device__ __forceinline__ void fa_mma_tile_t(float acc[8][4], const unsigned a[4][4],
+                                              unsigned tile, int lane) {
+    const unsigned off = fa_offset(((lane >> 4) << 3) + (lane & 7), (lane >> 3) & 1);
+#pragma unroll
+    for (int kc = 0; kc < 4; kc++) {
+        const unsigned base = tile + (off ^ (kc << 5));
+#pragma unroll
+        for (int p = 0; p < 4; p++) {
+            unsigned b[4];
+            fa_ldmatrix_x4(b, base + p * 2048);
+            fa_mma(acc[2 * p], a[kc], b[0], b[1]);
+            fa_mma(acc[2 * p + 1], a[kc], b[2], b[3]);
+        }
+    }
+}
+
+// acc (16 x 64) += A (16 x 64, fragments a) * tile: the tile's 64 rows are the k index.
+// Matrices of one ldmatrix.trans: (rows +0..7, chunk 2p), (+8..15, 2p), (+0..7, 2p+1), (+8..15,
+// 2p+1) = b0, b1 of n-tile 2p, then b0, b1 of n-tile 2p+1.
+__device__ __forceinline__ void fa_mma_tile(float acc[8][4], const unsigned a[4][4],
+                                            unsigned tile, int lane) {
+    const unsigned off = fa_offset((((lane >> 3) & 1) << 3) + (lane & 7), lane >> 4);
+#pragma unroll
+    for (int p = 0; p < 4; p++) {
+        const unsigned base = tile + (off ^ (p << 5));
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            unsigned b[4];
+            fa_ldmatrix_x4_trans(b, base + kk * 2048);
+            fa_mma(acc[2 * p], a[kk], b[0], b[1]);
+            fa_mma(acc[2 * p + 1], a[kk], b[2], b[3]);
+        }
+    }
+}
+
+// The C fragments of a 16 x 64 strip, rounded to bf16, as the A fragments of the next product.
+__device__ __forceinline__ void fa_c_to_a(unsigned a[4][4], const float c[8][4]) {
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+        a[kk][0] = fa_pack(c[2 * kk][0], c[2 * kk][1]);
+        a[kk][1] = fa_pack(c[2 * kk][2], c[2 * kk][3]);
+        a[kk][2] = fa_pack(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+        a[kk][3] = fa_pack(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+    }
+}
+
+// Write scale * C (a 16 x 64 strip at tile rows r0..r0+15) as bf16 into a swizzled tile.
+__device__ __forceinline__ void fa_stage(unsigned char* tile, const float c[8][4], float scale,
+                                         int r0, int lane) {
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int n = 0; n < 8; n++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int row = r0 + g + 8 * h;
+            *reinterpret_cast<unsigned*>(tile + fa_offset(row, n) + 4 * t) =
+                fa_pack(c[n][2 * h] * scale, c[n][2 * h + 1] * scale);
+        }
+    }
+}
+
+// Block -> (head bh, rank), rank 0 = the tile with the most work. Heads go in groups of
+// FA_GROUP, all ranks of a group before the next group: the blocks in flight share the K/V (or
+// Q/dO) of few heads, which stay in L2, and within a group the long blocks start first so the
+// short ones fill the tail.
+__device__ __forceinline__ int2 fa_schedule(int n_bh, int n_tiles) {
+    const int per_group = FA_GROUP * n_tiles;
+    const int group = blockIdx.x / per_group;
+    const int first = group * FA_GROUP;
+    const int size = min(FA_GROUP, n_bh - first);
+    const int r = blockIdx.x - group * per_group;
+    return make_int2(first + r % size, r / size);
+}

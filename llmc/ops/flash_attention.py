@@ -1,0 +1,138 @@
+"""Causal flash attention launchers: kernels/flash_attention.cu (forward) and
+kernels/flash_attention_bwd.cu (backward). bf16 only, head size 64, no T x T matrix.
+
+    flash_attention_forward(out (B,T,C) =, lse (B,NH,T) f32 =, qkv (B,T,3C), n_head)
+    flash_attention_backward(dqkv (B,T,3C) =, dout (B,T,C), qkv, out, lse, n_head, scratch)
+    flash_scratch_shapes(B, T, C, NH) -> {"D": ((B, NH, T), float32)}
+
+qkv holds q, k, v at channels [0, C), [C, 2C), [2C, 3C), head h at h*64..h*64+63; lse is the
+natural-log softmax normalizer per (b, h, t), saved by the forward for the backward.
+
+Design (the kernels' opening comments have the details):
+- Forward: a block is 16*W query rows of one head (W warps of 16 rows), streaming 64-key tiles
+  of K and V; online softmax in registers; causal tiles skipped, the diagonal one masked.
+- Backward, deterministic without atomics: `backward_dq` (per query tile, also computes
+  D = rowsum(dout * out) into scratch["D"]) then `backward_dkdv` (per key tile, reads D). P is
+  rebuilt from lse in both, 7 tile products instead of 5, but no fp32 dq buffer and no atomics.
+- Blocks are ordered by head groups of 16, the longest tiles of each group first.
+- Each kernel exists for W = 4 and W = 8 warps (the benchmark decides; `WARPS` is the default,
+  `warps=` overrides it). Shared memory sizes below mirror the kernels' layouts.
+
+Tests: pytest tests/test_flash_attention.py (GPU); bench: pytest bench/test_bench_attention.py.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from llmc import kernels
+from llmc.ops import BF16, F32, check, check_aligned, ceil_div
+
+HEAD_SIZE = 64
+TILE = 64  # rows of the streamed K/V (forward, dq) or Q/dO (dk/dv) tiles, as FA_TILE
+WARPS = {"forward": 8, "backward": 4}  # default warps per block, 4 or 8
+_TILE_BYTES = TILE * HEAD_SIZE * 2
+_DEFAULT_SMEM = 48 * 1024  # above this a kernel must opt in to more dynamic shared memory
+
+_kernels: dict = {}  # (family, name, device) -> RawKernel with its shared-memory limit raised
+
+
+def _smem_bytes(kind: str, warps: int) -> int:
+    rows = 16 * warps  # block rows: queries (forward, dq) or keys (dkdv)
+    if kind == "forward":    # Q tile, K and V double-buffered
+        return rows * 128 + 4 * _TILE_BYTES
+    if kind == "dq":         # Q and dO tiles, K and V double-buffered, D per row
+        return 2 * rows * 128 + 4 * _TILE_BYTES + rows * 4
+    if kind == "dkdv":       # K and V tiles, Q and dO double-buffered, lse and D double-buffered
+        return 2 * rows * 128 + 4 * _TILE_BYTES + 4 * TILE * 4
+    raise ValueError(f"kind: unknown kernel kind {kind!r}")
+
+
+def _kernel(family: str, kind: str, warps: int):
+    import cupy
+    name = f"flash_attention_{kind}_w{warps}" if kind == "forward" else \
+        f"flash_attention_backward_{kind}_w{warps}"
+    key = (family, name, cupy.cuda.Device().id)
+    k = _kernels.get(key)
+    if k is None:
+        k = kernels.function(family, name, "bf16")
+        smem = _smem_bytes(kind, warps)
+        if smem > _DEFAULT_SMEM:
+            k.max_dynamic_shared_size_bytes = smem
+        _kernels[key] = k
+    return k
+
+
+def _warps(warps, default: int) -> int:
+    w = default if warps is None else warps
+    if w not in (4, 8):
+        raise ValueError(f"warps: expected 4 or 8, got {w!r}")
+    return w
+
+
+def _check_qkv(qkv, n_head: int):
+    check("qkv", qkv, (None, None, None))
+    if qkv.dtype != BF16:
+        raise ValueError(f"qkv: flash attention takes bfloat16 only, got {qkv.dtype}; use "
+                         f"attention=\"matmul\" for other dtypes")
+    B, T, C3 = qkv.shape
+    if C3 % 3 != 0:
+        raise ValueError(f"qkv: last dimension must be 3*C, got {C3}")
+    C = C3 // 3
+    if not isinstance(n_head, (int, np.integer)) or n_head <= 0 or C % n_head != 0:
+        raise ValueError(f"n_head: must be a positive divisor of C = {C}, got {n_head!r}")
+    if C // n_head != HEAD_SIZE:
+        raise ValueError(f"n_head: flash attention needs head size {HEAD_SIZE}, got C / n_head = "
+                         f"{C} / {n_head} = {C // n_head}; use attention=\"matmul\"")
+    check_aligned("qkv", qkv)
+    return B, T, C, int(n_head)
+
+
+def flash_scratch_shapes(B: int, T: int, C: int, NH: int) -> dict:
+    """Scratch the backward needs, {name: (shape, dtype)}: D = rowsum(dout * out) (B, NH, T) f32."""
+    return {"D": ((B, NH, T), F32)}
+
+
+def flash_attention_forward(out, lse, qkv, n_head: int, *, warps: int | None = None):
+    """out (B, T, C) bf16 = causal softmax(q k^T / 8) v per head; lse (B, NH, T) f32 = its log normalizer."""
+    B, T, C, NH = _check_qkv(qkv, n_head)
+    check("out", out, (B, T, C), BF16)
+    check_aligned("out", out)
+    check("lse", lse, (B, NH, T), F32)
+    w = _warps(warps, WARPS["forward"])
+    if B * T == 0:
+        return out
+    grid = B * NH * ceil_div(T, 16 * w)
+    _kernel("flash_attention", "forward", w)(
+        (grid,), (32 * w,), (out, lse, qkv, np.int32(B), np.int32(T), np.int32(NH)),
+        shared_mem=_smem_bytes("forward", w))
+    return out
+
+
+def flash_attention_backward(dqkv, dout, qkv, out, lse, n_head: int, scratch, *,
+                             warps: int | None = None):
+    """dqkv (B, T, 3C) bf16 = gradient of flash_attention_forward through dout (B, T, C); overwrites dqkv.
+
+    out and lse are the forward's outputs; scratch is a dict of arrays as flash_scratch_shapes.
+    """
+    B, T, C, NH = _check_qkv(qkv, n_head)
+    check("dqkv", dqkv, (B, T, 3 * C), BF16)
+    check_aligned("dqkv", dqkv)
+    check("dout", dout, (B, T, C), BF16)
+    check_aligned("dout", dout)
+    check("out", out, (B, T, C), BF16)
+    check_aligned("out", out)
+    check("lse", lse, (B, NH, T), F32)
+    if not isinstance(scratch, dict) or "D" not in scratch:
+        raise ValueError(f"scratch: expected a dict with 'D' (see flash_scratch_shapes), got "
+                         f"{sorted(scratch) if isinstance(scratch, dict) else type(scratch).__name__}")
+    D = check("scratch['D']", scratch["D"], (B, NH, T), F32)
+    w = _warps(warps, WARPS["backward"])
+    if B * T == 0:
+        return dqkv
+    grid = B * NH * ceil_div(T, 16 * w)  # query tiles (dq) and key tiles (dkdv) are the same size
+    sizes = (np.int32(B), np.int32(T), np.int32(NH))
+    _kernel("flash_attention_bwd", "dq", w)(
+        (grid,), (32 * w,), (dqkv, D, dout, qkv, out, lse) + sizes, shared_mem=_smem_bytes("dq", w))
+    _kernel("flash_attention_bwd", "dkdv", w)(
+        (grid,), (32 * w,), (dqkv, dout, qkv, lse, D) + sizes, shared_mem=_smem_bytes("dkdv", w))
+    return dqkv
