@@ -1,7 +1,8 @@
 """End to end: llmc (GPUModel + GPUAdamW, bf16) against the project's PyTorch GPT-2, one process.
 
     python bench/e2e.py --model d12 --batch-size 64 --seq-len 1024 --steps 20 [--grad-accum 1]
-        [--recompute 1] [--attention auto] [--no-torch] [--torch-compile | --no-torch-compile]
+        [--recompute 1] [--classifier-chunks 1] [--attention auto] [--no-torch]
+        [--torch-compile | --no-torch-compile]
         [--profile] [--json OUT]
 
 Both sides train the same model (random init), batch, sequence length and number of steps on
@@ -62,6 +63,8 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps before")
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--recompute", type=int, default=0, choices=(0, 1))
+    ap.add_argument("--classifier-chunks", type=int, default=1,
+                    help="llmc: run the LM head over this many chunks of rows (less memory)")
     ap.add_argument("--attention", default="auto", choices=("auto", "flash", "matmul"))
     ap.add_argument("--torch", dest="torch", action=argparse.BooleanOptionalAction, default=True,
                     help="also run the PyTorch peer (--no-torch: llmc only)")
@@ -72,7 +75,7 @@ def parse_args(argv=None):
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--seed", type=int, default=1337)
     args = ap.parse_args(argv)
-    for name in ("batch_size", "seq_len", "steps", "grad_accum"):
+    for name in ("batch_size", "seq_len", "steps", "grad_accum", "classifier_chunks"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 1:
@@ -104,7 +107,8 @@ def summarize(name, tokens, seconds, mc, T, losses, memory):
 class LlmcRunner:
     """GPUModel + GPUAdamW (bf16) with device batches made up front; `step()` is one optimizer step."""
 
-    def __init__(self, mc, B, T, grad_accum=1, recompute=0, attention="auto", seed=1337):
+    def __init__(self, mc, B, T, grad_accum=1, recompute=0, attention="auto", seed=1337,
+                 classifier_chunks=1):
         import cupy
         from llmc.gpu_model import GPUModel
         from llmc.gpu_optim import GPUAdamW
@@ -113,7 +117,8 @@ class LlmcRunner:
         cupy.cuda.Device().synchronize()
         self.free_before = cupy.cuda.runtime.memGetInfo()[0]
         self.min_free = self.free_before
-        self.model = GPUModel(mc, B, T, dtype="bf16", recompute=recompute, attention=attention)
+        self.model = GPUModel(mc, B, T, dtype="bf16", recompute=recompute, attention=attention,
+                              classifier_chunks=classifier_chunks)
         self.model.load_params(init_params(mc, seed))
         self.opt = GPUAdamW(self.model, weight_decay=0.1, grad_clip=1.0, seed=seed)
         self.accum = grad_accum
@@ -150,12 +155,13 @@ class LlmcRunner:
 
 def run_llmc(args, mc):
     r = LlmcRunner(mc, args.batch_size, args.seq_len, args.grad_accum, args.recompute,
-                   args.attention, args.seed)
+                   args.attention, args.seed, args.classifier_chunks)
     t0 = time.perf_counter()
     for _ in range(args.warmup):
         r.step()
     print(f"llmc: warm-up {args.warmup} steps {time.perf_counter() - t0:.1f}s "
-          f"(attention {r.model.attention}, recompute {args.recompute})", flush=True)
+          f"(attention {r.model.attention}, recompute {args.recompute}, classifier chunks "
+          f"{args.classifier_chunks})", flush=True)
     losses = []
     t0 = time.perf_counter()
     for _ in range(args.steps):
@@ -327,7 +333,8 @@ def main(argv=None) -> int:
         return 2
     results = {"device": device_name(), "model": args.model, "B": args.batch_size,
                "T": args.seq_len, "grad_accum": args.grad_accum, "steps": args.steps,
-               "recompute": args.recompute, "flops_per_token": flops_per_token(mc, args.seq_len)}
+               "recompute": args.recompute, "classifier_chunks": args.classifier_chunks,
+               "flops_per_token": flops_per_token(mc, args.seq_len)}
     results["llmc"] = run_llmc(args, mc)
     if args.torch:
         results["torch"] = run_torch(args, mc)

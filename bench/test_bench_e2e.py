@@ -17,12 +17,12 @@ pytestmark = pytest.mark.gpu
 B, T = 64, 1024
 
 
-@pytest.mark.parametrize("recompute", [0, 1])
-def test_bench_llmc_step(benchmark, recompute):
+@pytest.mark.parametrize("recompute,chunks", [(0, 1), (1, 1), (1, 4)])
+def test_bench_llmc_step(benchmark, recompute, chunks):
     from bench.e2e import PEAK_BF16, LlmcRunner, flops_per_token
     from llmc.config import model_config
     mc = model_config("d12")
-    runner = LlmcRunner(mc, B, T, recompute=recompute)
+    runner = LlmcRunner(mc, B, T, recompute=recompute, classifier_chunks=chunks)
     try:
         first = runner.step()
         assert abs(first - math.log(mc.vocab_size)) < 0.5, f"initial loss {first} is not ~ln(V)"
@@ -35,6 +35,7 @@ def test_bench_llmc_step(benchmark, recompute):
         tps = B * T / seconds
         benchmark.extra_info.update(
             tokens_per_s=round(tps), mfu=round(tps * flops_per_token(mc, T) / PEAK_BF16, 4),
-            attention=runner.model.attention, recompute=recompute, **runner.memory())
+            attention=runner.model.attention, recompute=recompute, classifier_chunks=chunks,
+            **runner.memory())
     finally:
         runner.close()

@@ -12,8 +12,9 @@ What the forward keeps for the backward (N = B*T rows, L layers, floatX unless n
     fch (L, N, 4C)                          fc output (GELU input)
     fch_gelu (L, N, 4C), or ONE (N, 4C) shared by all layers with recompute=1 (recomputed in
         the backward from fch: the same kernel on the same input gives the same bits)
-    lnf (N, C) + mean, rstd (N,) f32        logits (N, Vp): dlogits in place after the loss
-    losses (N,) f32
+    lnf (N, C) + mean, rstd (N,) f32        losses (N,) f32
+    logits (ceil(N / chunks), Vp): one chunk of rows of the LM head at a time (chunks = 1: all
+        N rows, as llm.c); dlogits in place after the loss
 The attention and MLP projections are not kept: their outputs go to `btc` and are folded into
 the residual stream at once by the fused residual + LayerNorm kernel (as llm.c does).
 
@@ -33,7 +34,8 @@ from llmc.ops import attention, encoder, layernorm, matmul
 class Activations:
     """The buffers of one GPUModel; attributes as in the module docstring."""
 
-    def __init__(self, mc, B: int, T: int, dtype, recompute: int, method: str):
+    def __init__(self, mc, B: int, T: int, dtype, recompute: int, method: str,
+                 classifier_chunks: int = 1):
         import cupy
         x = as_dtype(dtype)
         L, C, NH, Vp = mc.n_layer, mc.n_embd, mc.n_head, mc.padded_vocab_size
@@ -59,7 +61,9 @@ class Activations:
         self.fch_gelu = [gelu_store[0 if recompute else l] for l in range(L)]
         self.residual3 = buf((L, N, C))
         self.lnf, self.lnf_mean, self.lnf_rstd = buf((N, C)), buf((N,), F32), buf((N,), F32)
-        self.logits = buf((N, Vp))
+        rows = -(-N // classifier_chunks)
+        self.head_chunks = [(lo, min(lo + rows, N)) for lo in range(0, N, rows)]
+        self.logits = buf((rows, Vp))
         self.losses = buf((N,), F32)
 
         self.dresidual = buf((N, C))
@@ -94,7 +98,7 @@ def scratch_sizes(mc, B: int, T: int) -> dict:
     """Bytes each op family's backward needs from the shared scratch buffer."""
     N, C, Vp = B * T, mc.n_embd, mc.padded_vocab_size
     return {
-        "encoder": encoder.encoder_backward_scratch_size(B, T, Vp),
+        "encoder": encoder.encoder_backward_scratch_size(B, T, C, Vp),
         "layernorm": layernorm.layernorm_backward_scratch_size(N, C),
         "matmul": max(matmul.matmul_backward_scratch_size(N, oc) for oc in (C, 3 * C, 4 * C)),
     }

@@ -19,6 +19,9 @@ Design:
   fused residual + ln2 -> fc matmul -> gelu -> fcproj matmul -> fused residual + next ln1 (the
   last layer's fuses lnf); logits = lnf @ wte.T (N, Vp); the fused classifier writes the losses
   and overwrites the logits with dlogits = loss_scale/(B*T) * (softmax - onehot).
+- classifier_chunks=k > 1 runs the LM head over k chunks of rows, each chunk's forward, loss
+  and backward (dlnf rows, dwte +=) before the next, so the (N, Vp) logits buffer shrinks to
+  (N/k, Vp): at d12, B=64, T=1024 that is 6.6 GB -> 1.65 GB for k=4, the same FLOPs.
 - Backward in reverse; parameter gradients accumulate (+=), so gradient accumulation is calling
   forward_backward again before zero_grad. `on_layer_grads(l)` is called once layer l's
   gradients are complete (l = L-1 .. 0), then with -1 once wte, wpe, lnfw, lnfb are: data
@@ -50,7 +53,7 @@ class GPUModel:
     """GPT-2 forward/backward on the current CUDA device; see the module docstring."""
 
     def __init__(self, mc: ModelConfig, B: int, T: int, dtype: str = "bf16", recompute: int = 0,
-                 attention: str = "auto"):
+                 attention: str = "auto", classifier_chunks: int = 1):
         import cupy
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
@@ -61,6 +64,9 @@ class GPUModel:
                              f"use T <= {mc.block_size}")
         if recompute not in (0, 1):
             raise ValueError(f"recompute must be 0 or 1, got {recompute!r}")
+        if not 1 <= classifier_chunks <= B * T:
+            raise ValueError(f"classifier_chunks must be in [1, B*T = {B * T}], got "
+                             f"{classifier_chunks!r}")
         pack = 16 // DTYPES[dtype].itemsize
         if mc.n_embd % pack != 0:
             raise ValueError(f"n_embd={mc.n_embd} must be a multiple of {pack} for {dtype} "
@@ -76,7 +82,8 @@ class GPUModel:
         L = mc.n_layer
         self._pl = [{k: self._p[k][l] for k in LAYER_PARAMS} for l in range(L)]
         self._gl = [{k: self._g[k][l] for k in LAYER_PARAMS} for l in range(L)]
-        self.acts = Activations(mc, B, T, self.floatX, recompute, self.attention)
+        self.acts = Activations(mc, B, T, self.floatX, recompute, self.attention,
+                                classifier_chunks)
         a = self.acts
         self._encoded3 = a.encoded.reshape(B, T, mc.n_embd)
         self._dresidual3 = a.dresidual.reshape(B, T, mc.n_embd)
@@ -114,8 +121,8 @@ class GPUModel:
         inp = self._tokens("inputs", inputs, a.inputs)
         tgt = self._tokens("targets", targets, a.targets)
         self._forward(inp)
-        classifier.fused_classifier(a.logits, a.losses, tgt.reshape(-1), self.mc.vocab_size,
-                                    float(loss_scale) / a.N, write_dlogits=True)
+        a.dresidual.data.memset_async(0, a.dresidual.nbytes)  # the LayerNorm backwards add into it
+        self._head(tgt.reshape(-1), float(loss_scale) / a.N, backward=True)
         cupy.mean(a.losses, out=self._loss)
         self._backward(inp, on_layer_grads)
         return self._loss
@@ -129,8 +136,7 @@ class GPUModel:
         self._forward(inp)
         if tgt is None:
             return None
-        classifier.fused_classifier(a.logits, a.losses, tgt.reshape(-1), self.mc.vocab_size,
-                                    1.0, write_dlogits=False)
+        self._head(tgt.reshape(-1), 1.0, backward=False)
         cupy.mean(a.losses, out=self._eval_loss)
         return self._eval_loss
 
@@ -148,9 +154,18 @@ class GPUModel:
         padded = np.zeros((self.B, self.T), dtype=np.int32)
         padded[:Bc, :Tc] = _check_host_tokens("inputs", x, self.mc.vocab_size)
         self._forward(self._tokens("inputs", padded, self.acts.inputs))
-        V = self.mc.vocab_size
-        rows = self.acts.logits.reshape(self.B, self.T, -1)[:Bc, :Tc, :V]
-        return to_host(rows).astype(np.float32)
+        a, V = self.acts, self.mc.vocab_size
+        need = (Bc - 1) * self.T + Tc  # rows 0 .. need-1 hold every wanted position
+        out = np.empty((need, V), dtype=np.float32)
+        for lo, hi in a.head_chunks:
+            if lo >= need:
+                break
+            logits = a.logits[:hi - lo]
+            matmul.matmul_forward(logits, a.lnf[lo:hi], self._p["wte"], None)
+            top = min(hi, need)
+            out[lo:top] = to_host(logits[:top - lo, :V]).astype(np.float32)
+        rows = (np.arange(Bc)[:, None] * self.T + np.arange(Tc)[None, :]).reshape(-1)
+        return out[rows].reshape(Bc, Tc, V)
 
     # -----------------------------------------------------------------------------------------
     def _tokens(self, name, x, staging):
@@ -175,7 +190,7 @@ class GPUModel:
         return staging
 
     def _forward(self, inp) -> None:
-        """Encoder, L blocks, lnf, logits (N, Vp) into self.acts."""
+        """Encoder, L blocks, lnf (N, C) into self.acts; the LM head is `_head`."""
         a, p, mc = self.acts, self._p, self.mc
         L, NH = mc.n_layer, mc.n_head
         encoder.encoder_forward(self._encoded3, inp, p["wte"], p["wpe"])
@@ -200,14 +215,24 @@ class GPUModel:
                 out, mean, rstd, nw, nb = a.lnf, a.lnf_mean, a.lnf_rstd, p["lnfw"], p["lnfb"]
             layernorm.fused_residual_layernorm_forward(
                 a.residual3[l], out, mean, rstd, a.residual2[l], a.btc, nw, nb)
-        matmul.matmul_forward(a.logits, a.lnf, p["wte"], None)
+
+    def _head(self, targets, dloss: float, backward: bool) -> None:
+        """Per chunk of rows: logits = lnf @ wte.T, losses; with backward, dlogits in place,
+        then dlnf (into btc) and dwte += dlogits.T @ lnf."""
+        a, p, g, V = self.acts, self._p, self._g, self.mc.vocab_size
+        for lo, hi in a.head_chunks:
+            logits = a.logits[:hi - lo]
+            matmul.matmul_forward(logits, a.lnf[lo:hi], p["wte"], None)
+            classifier.fused_classifier(logits, a.losses[lo:hi], targets[lo:hi], V, dloss,
+                                        write_dlogits=backward)
+            if backward:
+                matmul.matmul_backward(a.btc[lo:hi], g["wte"], None, logits, a.lnf[lo:hi],
+                                       p["wte"], a.scratch)
 
     def _backward(self, inp, on_layer_grads) -> None:
-        """From dlogits (in a.logits) to every parameter gradient (+=)."""
+        """From dlnf (in a.btc, written by `_head`) to every parameter gradient (+=)."""
         a, p, g, mc = self.acts, self._p, self._g, self.mc
         L, NH, s = mc.n_layer, mc.n_head, a.scratch
-        a.dresidual.data.memset_async(0, a.dresidual.nbytes)  # the LayerNorm backwards add into it
-        matmul.matmul_backward(a.btc, g["wte"], None, a.logits, a.lnf, p["wte"], s)
         layernorm.layernorm_backward(a.dresidual, g["lnfw"], g["lnfb"], a.btc, a.residual3[L - 1],
                                      p["lnfw"], a.lnf_mean, a.lnf_rstd, s)
         for l in reversed(range(L)):

@@ -5,6 +5,8 @@
 - No allocation in the step: CuPy's default pool holds exactly as many bytes after step 10 as
   after step 2 (both dtypes, both attention methods, recompute on and off).
 - recompute=1 (GELU recomputed in the backward) gives bitwise the same loss and gradients.
+- classifier_chunks=3 (the LM head over 3 uneven chunks of rows) gives the same losses,
+  gradients and logits as one chunk (fp32, within rounding: the dwte sum is split).
 - Gradient accumulation: 2 micro-steps of B/2 with loss_scale 1/2 == 1 step of B (fp32, within
   summation-order rounding).
 - on_layer_grads is called with L-1 .. 0, then -1, each after that layer's gradients are final.
@@ -41,10 +43,11 @@ def batches(n, b=B, t=T, seed=0):
             for _ in range(n)]
 
 
-def make(dtype="bf16", attention="auto", recompute=0, b=B, seed=0):
+def make(dtype="bf16", attention="auto", recompute=0, b=B, seed=0, chunks=1):
     from llmc.gpu_model import GPUModel
     from llmc.gpu_optim import GPUAdamW
-    model = GPUModel(SMALL, b, T, dtype=dtype, attention=attention, recompute=recompute)
+    model = GPUModel(SMALL, b, T, dtype=dtype, attention=attention, recompute=recompute,
+                     classifier_chunks=chunks)
     model.load_params(init_params(SMALL, seed))
     return model, GPUAdamW(model, weight_decay=0.1, grad_clip=1.0, seed=seed)
 
@@ -79,15 +82,15 @@ def test_deterministic(method):
     assert l1[-1] < l1[0], "no learning"
 
 
-@pytest.mark.parametrize("dtype,method,recompute",
-                         [("fp32", "matmul", 0), ("bf16", "matmul", 1), ("bf16", "flash", 0),
-                          ("bf16", "flash", 1)])
-def test_no_allocation_in_step(dtype, method, recompute):
+@pytest.mark.parametrize("dtype,method,recompute,chunks",
+                         [("fp32", "matmul", 0, 1), ("bf16", "matmul", 1, 1),
+                          ("bf16", "flash", 0, 1), ("bf16", "flash", 1, 3)])
+def test_no_allocation_in_step(dtype, method, recompute, chunks):
     import cupy
     if method not in methods():
         pytest.skip("flash attention is not built in this checkout")
     pool = cupy.get_default_memory_pool()
-    model, opt = make(dtype, method, recompute)
+    model, opt = make(dtype, method, recompute, chunks=chunks)
     data = batches(2)
     used = {}
     for step in range(10):
@@ -114,6 +117,24 @@ def test_recompute_is_bitwise(dtype):
         out.append((bits(loss.reshape(1)), bits(model.grads)))
     assert np.array_equal(out[0][0], out[1][0]), "loss differs with recompute=1"
     assert np.array_equal(out[0][1], out[1][1]), "gradients differ with recompute=1"
+
+
+def test_classifier_chunks_match_one_chunk():
+    from llmc.gpu_model import to_host
+    from tests.tolerances import rel_err
+    x, y = batches(1)[0]
+    out = []
+    for chunks in (1, 3):
+        model, _ = make("fp32", chunks=chunks)
+        assert len(model.acts.head_chunks) == chunks
+        model.zero_grad()
+        loss = float(model.forward_backward(x, y, 1.0))
+        out.append((loss, float(model.forward(x, y)), to_host(model.grads),
+                    model.logits(x.get()), model.logits(x.get()[:1, :7])))
+    (l1, e1, g1, z1, s1), (l3, e3, g3, z3, s3) = out
+    assert l3 == pytest.approx(l1, rel=1e-6) and e3 == pytest.approx(e1, rel=1e-6)
+    assert rel_err(g3, g1) <= 1e-5, f"gradients differ: {rel_err(g3, g1):.2e}"
+    assert rel_err(z3, z1) <= 1e-6 and rel_err(s3, s1) <= 1e-6
 
 
 def test_gradient_accumulation():
