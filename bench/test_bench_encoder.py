@@ -40,7 +40,7 @@ def check_small(dtype):
                  dtype, "out")
     dwte, dwpe = device_randn((vp, c), dt, 4), device_randn((t, c), dt, 5)
     dwte0, dwpe0 = to_host(dwte), to_host(dwpe)
-    scratch = cupy.empty(encoder_backward_scratch_size(b, t, vp), cupy.uint8)
+    scratch = cupy.empty(encoder_backward_scratch_size(b, t, c, vp), cupy.uint8)
     encoder_backward(dwte, dwpe, out, cupy.asarray(inp), scratch)
     r_dwte, r_dwpe = reference.encoder_backward(to_host(out), inp, (vp, c), (t, c))
     assert_close(to_host(dwte), dwte0 + r_dwte, dtype, "dwte")
@@ -68,6 +68,6 @@ def test_bench_encoder(benchmark, dtype, direction):
         record(benchmark, lambda: encoder_forward(out, inp, wte, wpe), nbytes=nbytes)
     else:
         dout = device_randn((B, T, C), dt, 3, 1e-3)
-        scratch = cupy.empty(encoder_backward_scratch_size(B, T, VP), cupy.uint8)
+        scratch = cupy.empty(encoder_backward_scratch_size(B, T, C, VP), cupy.uint8)
         nbytes = B * T * C * s + 2 * T * C * s + 2 * distinct * C * s + 4 * B * T
         record(benchmark, lambda: encoder_backward(wte, wpe, dout, inp, scratch), nbytes=nbytes)

@@ -15,9 +15,10 @@
    Work split: one warp per row; lane l owns packs l, l+32, l+64, ... of the row in every loop,
    so a lane only reads back the shared memory it wrote itself (no syncs inside a row).
    Backward is deterministic: each warp accumulates dweight/dbias for its rows in its own
-   shared-memory slice, the block adds the slices in warp order into one fp32 partial per block
-   (scratch, (G, 2C)), and layernorm_backward_reduce adds the G partials in block order.
-   The rows a block handles depend only on (N, G, warps per block), never on scheduling.
+   shared-memory slice (lane-major, so conflict-free), the block adds the slices in warp order
+   into one fp32 partial per block (scratch, (G, 2C)), and layernorm_backward_reduce adds the G
+   partials in block order. The rows a block handles depend only on (N, G, warps per block),
+   never on scheduling.
 */
 #include "common.cuh"
 
@@ -125,24 +126,25 @@ extern "C" __global__ void residual_forward(floatX* out, const floatX* inp1, con
 // backward
 
 // Grid G blocks, block 32 * warps; block g takes rows g*warps + w, then + G*warps, ... Dynamic
-// shared memory 2 * warps * C floats (each warp's dweight and dbias slices). Writes the block's
-// partial sums to partial[g, 0:C] (dweight) and partial[g, C:2C] (dbias).
+// shared memory 2 * warps * Cpad floats, Cpad = C rounded up to 32 packs: each warp's dweight
+// and dbias accumulators, stored lane-major (element k of the lane's j-th pack at
+// (j * size + k) * 32 + lane) so the 32 lanes of a warp hit 32 different banks. Writes the
+// block's partial sums to partial[g, 0:C] (dweight) and partial[g, C:2C] (dbias).
 extern "C" __global__ void layernorm_backward(floatX* dinp, float* partial, const floatX* dout,
                                               const floatX* inp, const floatX* weight,
                                               const float* mean, const float* rstd, int N, int C) {
     extern __shared__ __align__(16) float acc_s[];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    float* dw_s = acc_s + warp * 2 * C;
-    float* db_s = dw_s + C;
-    for (int c = lane * x128::size; c < C; c += 32 * x128::size) {
-        #pragma unroll
-        for (int k = 0; k < x128::size; k++) dw_s[c + k] = db_s[c + k] = 0.0f;
-    }
+    const int chunk = 32 * x128::size;
+    const int Cpad = (C + chunk - 1) / chunk * chunk;
+    float* dw_s = acc_s + warp * 2 * Cpad;
+    float* db_s = dw_s + Cpad;
+    for (int i = lane; i < Cpad; i += 32) dw_s[i] = db_s[i] = 0.0f;
     for (int row = blockIdx.x * warps + warp; row < N; row += gridDim.x * warps) {
         const long long base = (long long)row * C;
         const float m = mean[row], rs = rstd[row];
         float s_g = 0.0f, s_gx = 0.0f;
-        for (int c = lane * x128::size; c < C; c += 32 * x128::size) {
+        for (int c = lane * x128::size; c < C; c += chunk) {
             x128 dy = load128(dout + base + c);
             x128 x = load128(inp + base + c);
             x128 w = load128(weight + c);
@@ -155,7 +157,7 @@ extern "C" __global__ void layernorm_backward(floatX* dinp, float* partial, cons
         }
         const float g_mean = warp_sum(s_g) / C, gx_mean = warp_sum(s_gx) / C;
         // Second pass rereads the row (still in L1/L2) rather than holding it in registers.
-        for (int c = lane * x128::size; c < C; c += 32 * x128::size) {
+        for (int c = lane * x128::size, a = lane; c < C; c += chunk, a += chunk) {
             x128 dy = load128cs(dout + base + c);
             x128 x = load128cs(inp + base + c);
             x128 w = load128(weight + c);
@@ -166,18 +168,19 @@ extern "C" __global__ void layernorm_backward(floatX* dinp, float* partial, cons
                 float xh = (to_float(x[k]) - m) * rs;
                 float g = d * to_float(w[k]);
                 di[k] = from_float<floatX>(to_float(di[k]) + rs * (g - g_mean - xh * gx_mean));
-                dw_s[c + k] += d * xh;
-                db_s[c + k] += d;
+                dw_s[a + 32 * k] += d * xh;
+                db_s[a + 32 * k] += d;
             }
             store128(dinp + base + c, di);
         }
     }
     __syncthreads();
     for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        const int a = (c / chunk) * chunk + (c % x128::size) * 32 + (c % chunk) / x128::size;
         float dw = 0.0f, db = 0.0f;
         for (int w = 0; w < warps; w++) {
-            dw += acc_s[w * 2 * C + c];
-            db += acc_s[w * 2 * C + C + c];
+            dw += acc_s[w * 2 * Cpad + a];
+            db += acc_s[w * 2 * Cpad + Cpad + a];
         }
         partial[(long long)blockIdx.x * 2 * C + c] = dw;
         partial[(long long)blockIdx.x * 2 * C + C + c] = db;

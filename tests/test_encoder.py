@@ -85,7 +85,7 @@ def run_backward(shape, dtype, inp, seed):
     dwte0, _ = randn(rng, (Vp, C), dtype, 0.1)
     dwpe0, _ = randn(rng, (maxT, C), dtype, 0.1)
     dwte, dwpe = device(dwte0), device(dwpe0)
-    scratch = cupy.full(encoder_backward_scratch_size(B, T, Vp), 0xAB, dtype=cupy.uint8)
+    scratch = cupy.full(encoder_backward_scratch_size(B, T, C, Vp), 0xAB, dtype=cupy.uint8)
     encoder_backward(dwte, dwpe, device(dout), cupy.asarray(inp), scratch)
     return dwte, dwpe, dout, dwte0, dwpe0
 
@@ -162,6 +162,6 @@ def test_validation():
     with pytest.raises(ValueError, match="multiple of 4"):
         encoder_forward(cupy.empty((2, 8, 6), f32), inp, cupy.ones((64, 6), f32),
                         cupy.ones((16, 6), f32))
-    small = cupy.zeros(encoder_backward_scratch_size(2, 8, 64) - 1, cupy.uint8)
+    small = cupy.zeros(encoder_backward_scratch_size(2, 8, 32, 64) - 1, cupy.uint8)
     with pytest.raises(ValueError, match="scratch"):
         encoder_backward(wte, wpe, out, inp, small)

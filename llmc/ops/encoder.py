@@ -8,8 +8,8 @@ outside [0, Vp) give NaN rows in the forward and are skipped by the backward (th
 cannot raise; the NaN makes the bad batch visible in the loss).
 
 The backward is deterministic (see the kernel file): positions are bucketed by token with a
-stable counting sort built from integer atomics, then one block per token sums its rows in a
-fixed order. It needs `encoder_backward_scratch_size(B, T, Vp)` bytes of scratch.
+stable counting sort built from integer atomics, then blocks of 32 sorted positions sum their
+tokens' rows in a fixed order (buckets spanning blocks through fp32 partial rows). It needs `encoder_backward_scratch_size(B, T, C, Vp)` bytes of scratch.
 """
 from __future__ import annotations
 
@@ -21,23 +21,28 @@ from llmc.ops import (I32, ceil_div, check, check_scratch, dtype_name, pack_size
 
 BLOCK = 256
 SCAN_BLOCK = 1024
-DWTE_BLOCK = 256  # 32 * DWTE_WARPS in the kernel
+PIECE = 32                # DWTE_PIECE in the kernel: sorted entries per dwte_pieces block
+PIECES_BLOCK = 128        # 32 * DWTE_WARPS
+COMBINE_BLOCK = 256       # 32 * DWTE_COMBINE_WARPS
 
 
-def _scratch_layout(B: int, T: int, Vp: int) -> dict:
-    """Byte offsets into scratch: counts (Vp), starts (Vp+1), bucket (BT), sorted (BT); int32."""
+def _scratch_layout(B: int, T: int, C: int, Vp: int) -> dict:
+    """Byte offsets into scratch: int32 counts (Vp), starts (Vp+1), bucket (BT), sorted (BT),
+    then fp32 partial rows (pieces, 2, C) of the buckets that span pieces."""
     BT = B * T
     counts = 0
     starts = counts + round_up(4 * Vp)
     bucket = starts + round_up(4 * (Vp + 1))
     sorted_ = bucket + round_up(4 * BT)
-    end = sorted_ + round_up(4 * BT)
-    return dict(counts=counts, starts=starts, bucket=bucket, sorted=sorted_, end=end)
+    partial = sorted_ + round_up(4 * BT)
+    end = partial + round_up(4 * ceil_div(BT, PIECE) * 2 * C)
+    return dict(counts=counts, starts=starts, bucket=bucket, sorted=sorted_, partial=partial,
+                end=end)
 
 
-def encoder_backward_scratch_size(B: int, T: int, Vp: int) -> int:
-    """Bytes of scratch encoder_backward needs: ~8 (Vp + B T) bytes."""
-    return _scratch_layout(B, T, Vp)["end"]
+def encoder_backward_scratch_size(B: int, T: int, C: int, Vp: int) -> int:
+    """Bytes of scratch encoder_backward needs: ~8 (Vp + BT) + BT C / 4 (6.7 MB for d12, B=64)."""
+    return _scratch_layout(B, T, C, Vp)["end"]
 
 
 def _check_common(x, inp, wte, wpe, names):
@@ -74,12 +79,13 @@ def encoder_backward(dwte, dwpe, dout, inp, scratch):
     """dwte += scatter-sum of dout rows by token; dwpe += sum over batch of dout. Deterministic."""
     dt, B, T, C, Vp = _check_common(dout, inp, dwte, dwpe, ("dout", "dwte", "dwpe"))
     BT = B * T
-    lay = _scratch_layout(B, T, Vp)
+    lay = _scratch_layout(B, T, C, Vp)
     base = check_scratch("scratch", scratch, lay["end"])
     if BT == 0:
         return
     counts, starts = base + lay["counts"], base + lay["starts"]
     bucket, sorted_ = base + lay["bucket"], base + lay["sorted"]
+    partial = base + lay["partial"]
 
     def fn(name):
         return kernels.function("encoder", name, dt)
@@ -94,4 +100,8 @@ def encoder_backward(dwte, dwpe, dout, inp, scratch):
                          (bucket, counts, starts, inp, np.int32(BT), np.int32(Vp)))
     fn("bucket_rank")((ceil_div(BT, BLOCK),), (BLOCK,),
                       (sorted_, bucket, starts, inp, np.int32(BT), np.int32(Vp)))
-    fn("dwte_backward")((Vp,), (DWTE_BLOCK,), (dwte, dout, sorted_, starts, np.int32(C)))
+    pieces = ceil_div(BT, PIECE)
+    fn("dwte_pieces")((pieces,), (PIECES_BLOCK,),
+                      (dwte, partial, dout, sorted_, starts, inp, np.int32(C), np.int32(Vp)))
+    fn("dwte_combine")((pieces, ceil_div(C, 128)), (COMBINE_BLOCK,),
+                       (dwte, partial, sorted_, starts, inp, np.int32(C), np.int32(Vp)))

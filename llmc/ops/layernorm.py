@@ -124,7 +124,8 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scra
     if N == 0:
         return
     kernel = kernels.function("layernorm", "layernorm_backward", dt)
-    smem = BWD_WARPS * 2 * C * 4
+    chunk = 32 * pack_size(dt)  # the kernel pads each warp's accumulators to whole chunks
+    smem = BWD_WARPS * 2 * ceil_div(C, chunk) * chunk * 4
     set_dynamic_smem(kernel, smem)
     kernel((G,), (32 * BWD_WARPS,),
            (dinp, partial, dout, inp, weight, mean, rstd, np.int32(N), np.int32(C)),
