@@ -156,7 +156,7 @@ def test_validation():
     with pytest.raises(ValueError, match="out"):
         encoder_forward(cupy.empty((2, 8, 33), f32), inp, wte, wpe)
     with pytest.raises(ValueError, match="wpe"):
-        encoder_forward(out, inp, wte, cupy.ones((16, 32), DTYPES["bf16"]))
+        encoder_forward(out, inp, wte, cupy.zeros((16, 32), DTYPES["bf16"]))
     with pytest.raises(ValueError, match="T=32"):
         encoder_forward(cupy.empty((1, 32, 32), f32), cupy.zeros((1, 32), np.int32), wte, wpe)
     with pytest.raises(ValueError, match="multiple of 4"):

@@ -180,7 +180,7 @@ def test_validation():
         layernorm_forward(cupy.empty((4, 6), f32), mean, rstd, cupy.ones((4, 6), f32),
                           cupy.ones(6, f32), cupy.ones(6, f32))
     with pytest.raises(ValueError, match="inp2"):
-        residual_forward(x, x, cupy.ones((4, 32), DTYPES["bf16"]))
+        residual_forward(x, x, cupy.zeros((4, 32), DTYPES["bf16"]))
     small = cupy.empty(layernorm_backward_scratch_size(4, 32) // 4 - 1, f32)
     with pytest.raises(ValueError, match="scratch"):
         layernorm_backward(cupy.empty_like(x), w.copy(), b.copy(), x, x, w, mean, rstd, small)

@@ -157,7 +157,7 @@ def test_gemm_validation():
     with pytest.raises(ValueError, match="inner"):
         gemm(c, a, cupy.ones((7, 5), f32))
     with pytest.raises(ValueError, match="^b:"):
-        gemm(c, a, b.astype(DTYPES["bf16"]))
+        gemm(c, a, cupy.zeros((8, 5), DTYPES["bf16"]))
     with pytest.raises(ValueError, match="^a:"):
         gemm(c, cupy.ones((3, 8), f32), b)
     with pytest.raises(ValueError, match="^c:"):

@@ -53,7 +53,8 @@ def check(name: str, arr, shape=None, dtype=None, *, contiguous: bool = True):
         shape = tuple(shape)
         if arr.ndim != len(shape) or any(s is not None and s != g
                                          for s, g in zip(shape, arr.shape)):
-            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + \
+                   ("," if len(shape) == 1 else "") + ")"
             raise ValueError(f"{name}: expected shape {want}, got {tuple(arr.shape)}")
     if dtype is not None:
         allowed = tuple(as_dtype(d) for d in (dtype if isinstance(dtype, tuple) else (dtype,)))
