@@ -23,6 +23,7 @@ much less). Errors before training raise `DistributedError` (an OSError: one lin
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -185,16 +186,30 @@ class Dist:
         self._pending.append((0, "NCCL communicator init", time.monotonic(), None))
         self._issued = 1
         try:
-            self.comm = nccl.NcclCommunicator(self.world_size, uid, self.rank)
-        except TypeError:  # CuPy < 14 takes the id as a tuple of signed chars
-            self.comm = nccl.NcclCommunicator(self.world_size, tuple(b - 256 if b > 127 else b for b in uid),
-                                              self.rank)
+            try:
+                self.comm = nccl.NcclCommunicator(self.world_size, uid, self.rank)
+            except TypeError:  # CuPy < 14 takes the id as a tuple of signed chars
+                self.comm = nccl.NcclCommunicator(
+                    self.world_size, tuple(b - 256 if b > 127 else b for b in uid), self.rank)
+        except nccl.NcclError as e:
+            self._watchdog._stop.set()
+            raise DistributedError(f"rank {self.rank}: NCCL could not build the communicator ({e}); "
+                                   "NCCL_DEBUG=INFO shows why (network interface: NCCL_SOCKET_IFNAME)") from e
         with self._lock:
             self._pending.popleft()
+        atexit.register(self._at_exit)
 
     def _abort(self) -> None:
         if self.comm is not None:
             self.comm.abort()
+
+    def _at_exit(self) -> None:
+        """Leaving without close() (an exception, or a script that never called it): no barrier
+        (the others may be elsewhere), just stop the heartbeats and abort NCCL, which never blocks."""
+        if self.comm is not None:
+            self._watchdog._stop.set()
+            self._abort()
+            self.comm = None
 
     def _oldest_pending(self):
         with self._lock:
@@ -366,7 +381,7 @@ class Dist:
             return
         self.barrier()
         self._watchdog.stop()
-        if self._server is not None:  # keep serving until every rank has said goodbye
+        if self.rank == 0:  # keep the store up until every rank has said goodbye
             deadline = time.monotonic() + min(30.0, self.timeout_s)
             keys = [f"hb/{r}" for r in range(1, self.world_size)]
             while time.monotonic() < deadline:
