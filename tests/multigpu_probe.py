@@ -110,7 +110,8 @@ def dataparallel(dist, out):
         ref_opt = GPUAdamW(ref, **hp)
         ref_loss, ref_norm = [], []
         for s in range(steps):
-            x, y = cupy.asarray(data[s, :, :-1]), cupy.asarray(data[s, :, 1:])
+            x, y = (cupy.asarray(np.ascontiguousarray(data[s, :, :-1])),
+                    cupy.asarray(np.ascontiguousarray(data[s, :, 1:])))
             ref.zero_grad()
             ref_loss.append(float(ref.forward_backward(x, y, 1.0)))
             ref_norm.append(float(ref_opt.step(1e-3, s)))
@@ -124,7 +125,8 @@ def dataparallel(dist, out):
             loss = cupy.zeros((), dtype=cupy.float32)
             for s in range(steps):
                 rows = data[s, r * B:(r + 1) * B]
-                x, y = cupy.asarray(rows[:, :-1]), cupy.asarray(rows[:, 1:])
+                x, y = (cupy.asarray(np.ascontiguousarray(rows[:, :-1])),
+                        cupy.asarray(np.ascontiguousarray(rows[:, 1:])))
                 model.zero_grad()
                 loss[...] = model.forward_backward(x, y, 1.0, on_layer_grads=dp.hook)
                 dp.finish()
@@ -140,10 +142,17 @@ def dataparallel(dist, out):
             report[key] = dict(loss=rel(losses, ref_loss), norm=rel(norms, ref_norm), params=prel,
                                update=upd, optimizer_bytes=dp.optimizer_bytes(),
                                buckets=len(dp.buckets))
+            # A gradient near zero may change sign with the summation order (two half batches vs
+            # one batch), and Adam's first steps move such a weight by +-lr: a few weights may
+            # differ by up to 2*lr per step. Everything else must agree.
+            off = float(np.mean(np.abs(params - ref_params) > (1e-6 if dtype == "fp32" else 1e-2)))
+            report[key]["fraction_off"] = off
             assert report[key]["loss"] <= tol and report[key]["norm"] <= tol, (key, report[key])
-            assert prel <= tol, (key, report[key])
+            assert float(np.abs(params - ref_params).max()) <= 2 * 1e-3 * steps + 1e-2 * (dtype == "bf16")
             if dtype == "fp32":
-                assert upd <= 1e-3, (key, report[key])
+                assert off <= 1e-4 and prel <= 1e-4 and upd <= 3e-2, (key, report[key])
+            else:
+                assert prel <= 1e-2, (key, report[key])
             # every rank ends with the same weights
             mine = cupy.asarray(params)
             same = cupy.asarray(params)
