@@ -58,8 +58,18 @@ __device__ __forceinline__ bool decayed(long long gi, const long long* ranges, i
     return false;
 }
 
+// The AdamW update of one element: returns the new master value; m and v updated in place.
+__device__ __forceinline__ float adamw_element(float p, float g, float& m, float& v, float lr,
+                                               float beta1, float beta2, float bc1, float bc2,
+                                               float eps, float wd) {
+    m = beta1 * m + (1.0f - beta1) * g;
+    v = beta2 * v + (1.0f - beta2) * g * g;
+    const float mhat = m / bc1, vhat = v / bc2;
+    return p - lr * (mhat / (sqrtf(vhat) + eps) + wd * p);
+}
+
 // One thread per 128-bit pack of params (8 bf16 / 4 fp32 elements); the pack that runs past n
-// takes the scalar path. `ranges` is (n_ranges, 2) int64 [start, stop) of the decayed tensors
+// takes a scalar path. `ranges` is (n_ranges, 2) int64 [start, stop) of the decayed tensors
 // in global element indices. seed and step give the rounding bits their stream.
 extern "C" __global__ void adamw_update(floatX* params, float* master, const floatX* grads,
                                         float* m, float* v, const float* norm_sq,
@@ -76,67 +86,37 @@ extern "C" __global__ void adamw_update(floatX* params, float* master, const flo
     const unsigned int stream_seed = hash_u32((unsigned int)step, seed);
     float* p32 = master != nullptr ? master : reinterpret_cast<float*>(params);
 
-    float g[x128::size], pm[x128::size], mm[x128::size], vv[x128::size];
-    const int cnt = (int)min((long long)x128::size, n - i0);
-    const bool full = cnt == x128::size;
-    if (full) {
-        x128 gp = load128cs(grads + i0);
-        #pragma unroll
-        for (int k = 0; k < x128::size; k++) g[k] = to_float(gp[k]);
-        #pragma unroll
-        for (int q = 0; q < x128::size; q += f128::size) {
-            f128 a = load128cs(p32 + i0 + q), b = load128cs(m + i0 + q), c = load128cs(v + i0 + q);
-            #pragma unroll
-            for (int k = 0; k < f128::size; k++) {
-                pm[q + k] = a[k];
-                mm[q + k] = b[k];
-                vv[q + k] = c[k];
-            }
+    if (i0 + x128::size > n) {  // the last, partial pack: element by element
+        for (long long i = i0; i < n; i++) {
+            const long long gi = offset + i;
+            const float wd = decayed(gi, ranges, n_ranges) ? weight_decay : 0.0f;
+            float mi = m[i], vi = v[i];
+            const float p = adamw_element(p32[i], clip * to_float(grads[i]), mi, vi, lr, beta1,
+                                          beta2, bc1, bc2, eps, wd);
+            m[i] = mi;
+            v[i] = vi;
+            if (master != nullptr) master[i] = p;
+            store_rounded(params + i, p, hash_u32((unsigned int)gi, stream_seed));
         }
-    } else {
-        for (int k = 0; k < cnt; k++) {
-            g[k] = to_float(grads[i0 + k]);
-            pm[k] = p32[i0 + k];
-            mm[k] = m[i0 + k];
-            vv[k] = v[i0 + k];
-        }
+        return;
     }
-
+    // Parameters are read and written once per step: streaming hints keep them out of L2's way.
+    const x128 g = load128cs(grads + i0);
     x128 out;
     #pragma unroll
-    for (int k = 0; k < x128::size; k++) {
-        if (k >= cnt) break;
-        const long long gi = offset + i0 + k;
-        const float gk = clip * g[k];
-        mm[k] = beta1 * mm[k] + (1.0f - beta1) * gk;
-        vv[k] = beta2 * vv[k] + (1.0f - beta2) * gk * gk;
-        const float mhat = mm[k] / bc1, vhat = vv[k] / bc2;
-        const float wd = decayed(gi, ranges, n_ranges) ? weight_decay : 0.0f;
-        pm[k] -= lr * (mhat / (sqrtf(vhat) + eps) + wd * pm[k]);
-        store_rounded(&out[k], pm[k], hash_u32((unsigned int)gi, stream_seed));
-    }
-
-    if (full) {
+    for (int q = 0; q < x128::size; q += f128::size) {
+        f128 pp = load128cs(p32 + i0 + q), mm = load128cs(m + i0 + q), vv = load128cs(v + i0 + q);
         #pragma unroll
-        for (int q = 0; q < x128::size; q += f128::size) {
-            f128 a, b, c;
-            #pragma unroll
-            for (int k = 0; k < f128::size; k++) {
-                a[k] = pm[q + k];
-                b[k] = mm[q + k];
-                c[k] = vv[q + k];
-            }
-            if (master != nullptr) store128cs(master + i0 + q, a);
-            store128cs(m + i0 + q, b);
-            store128cs(v + i0 + q, c);
+        for (int k = 0; k < f128::size; k++) {
+            const long long gi = offset + i0 + q + k;
+            const float wd = decayed(gi, ranges, n_ranges) ? weight_decay : 0.0f;
+            pp[k] = adamw_element(pp[k], clip * to_float(g[q + k]), mm[k], vv[k], lr, beta1,
+                                  beta2, bc1, bc2, eps, wd);
+            store_rounded(&out[q + k], pp[k], hash_u32((unsigned int)gi, stream_seed));
         }
-        store128(params + i0, out);
-    } else {
-        for (int k = 0; k < cnt; k++) {
-            if (master != nullptr) master[i0 + k] = pm[k];
-            m[i0 + k] = mm[k];
-            v[i0 + k] = vv[k];
-            params[i0 + k] = out[k];
-        }
+        if (master != nullptr) store128cs(master + i0 + q, pp);
+        store128cs(m + i0 + q, mm);
+        store128cs(v + i0 + q, vv);
     }
+    store128(params + i0, out);
 }

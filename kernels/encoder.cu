@@ -170,8 +170,7 @@ extern "C" __global__ void bucket_rank(int* sorted, const int* bucket, const int
 // order: deterministic. Grid ceil(BT / P), block 32 * DWTE_WARPS.
 #define DWTE_PIECE 32
 #define DWTE_WARPS 4
-extern "C" __global__ void __launch_bounds__(32 * DWTE_WARPS)
-dwte_pieces(floatX* dwte, float* partial, const floatX* dout, const int* sorted, const int* starts,
+extern "C" __global__ void dwte_pieces(floatX* dwte, float* partial, const floatX* dout, const int* sorted, const int* starts,
             const int* inp, int C, int Vp) {
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int q = blockIdx.x;
