@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -369,3 +370,131 @@ def test_slurm_tasks_per_node():
     assert _slurm_tasks_on_node("4(x2),3", 2) == 3
     assert _slurm_tasks_on_node("4(x2),3", 1) == 4
     assert _slurm_tasks_on_node("bad", 0) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Dist's bookkeeping around NCCL, with CuPy and NCCL replaced by recorders
+
+class _Arr:
+    def __init__(self, size, dtype="float32", contiguous=True, ptr=1000, device=0):
+        import numpy as np
+        self.size, self.dtype = size, np.dtype(dtype)
+        self.flags = types.SimpleNamespace(c_contiguous=contiguous)
+        self.data = types.SimpleNamespace(ptr=ptr)
+        self.device = types.SimpleNamespace(id=device)
+
+
+class _Ev:
+    def __init__(self, **kw):
+        self.done = False
+
+    def record(self, stream=None):
+        self.stream = stream
+
+
+class _Comm:
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return lambda *args: self.calls.append((name, args))
+
+
+@pytest.fixture
+def fake_nccl(monkeypatch):
+    nccl = types.SimpleNamespace(NCCL_FLOAT32=7, NCCL_BFLOAT16=9, NCCL_INT32=2, NCCL_SUM=0,
+                                 NCCL_AVG=4, NCCL_MAX=2, NCCL_MIN=3, groups=[])
+    nccl.groupStart = lambda: nccl.groups.append("start")
+    nccl.groupEnd = lambda: nccl.groups.append("end")
+    stream = types.SimpleNamespace(ptr=0)
+    cuda = types.SimpleNamespace(nccl=nccl, Event=_Ev, get_current_stream=lambda: stream)
+    cupy = types.SimpleNamespace(ndarray=_Arr, cuda=cuda)
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", cuda)
+    monkeypatch.setitem(sys.modules, "cupy.cuda.nccl", nccl)
+    return nccl
+
+
+def _dist(world=2, rank=1):
+    from llmc.distributed import Dist
+    from llmc.rendezvous import LaunchEnv
+    d = Dist(LaunchEnv(rank, world, rank, world, "h", 1, None, "torchrun"), device=0)
+    d.comm = _Comm()
+    return d
+
+
+def test_dist_calls_nccl_with_the_right_arguments(fake_nccl):
+    d = _dist()
+    side = types.SimpleNamespace(ptr=55)
+    d.all_reduce(_Arr(10, ptr=1), op="avg")
+    d.reduce(_Arr(6, "bfloat16", ptr=2), root=0, op="sum", stream=side)
+    d.broadcast(_Arr(4, "int32", ptr=3), root=1)
+    d.reduce_scatter(_Arr(8, ptr=4), _Arr(4, ptr=5), op="max")
+    d.all_gather(_Arr(3, ptr=6), _Arr(6, ptr=7))
+    assert d.comm.calls == [
+        ("allReduce", (1, 1, 10, 7, 4, 0)),
+        ("reduce", (2, 2, 6, 9, 0, 0, 55)),
+        ("broadcast", (3, 3, 4, 2, 1, 0)),
+        ("reduceScatter", (4, 5, 4, 7, 2, 0)),
+        ("allGather", (6, 7, 3, 7, 0)),
+    ]
+    assert d._issued == 5 and [p[0] for p in d._pending] == [0, 1, 2, 3, 4]
+
+
+def test_dist_group_is_one_pending_collective(fake_nccl):
+    d = _dist()
+    side = types.SimpleNamespace(ptr=55)
+    with d.group():
+        d.reduce(_Arr(6), root=0, stream=side)
+        d.reduce(_Arr(6), root=1, stream=side)
+    assert fake_nccl.groups == ["start", "end"] and len(d.comm.calls) == 2
+    assert d._issued == 1 and d._pending[0][3].stream is side
+    with pytest.raises(ValueError, match="same stream"):
+        with d.group():
+            d.reduce(_Arr(6), root=0, stream=side)
+            d.reduce(_Arr(6), root=1)
+    assert fake_nccl.groups[-1] == "end"  # the group is closed even when it fails
+
+
+def test_dist_oldest_pending_skips_finished(fake_nccl):
+    d = _dist()
+    for _ in range(3):
+        d.all_reduce(_Arr(1))
+    d._pending[0][3].done = True
+    assert d._oldest_pending()[:2] == (1, "all_reduce")
+    for p in list(d._pending):
+        p[3].done = True
+    assert d._oldest_pending() is None
+
+
+def test_dist_validates_buffers(fake_nccl):
+    d = _dist()
+    with pytest.raises(ValueError, match="expected a CuPy array"):
+        d.all_reduce([1.0])
+    with pytest.raises(ValueError, match="C-contiguous"):
+        d.all_reduce(_Arr(4, contiguous=False))
+    with pytest.raises(ValueError, match="on GPU 1, this rank uses GPU 0"):
+        d.all_reduce(_Arr(4, device=1))
+    with pytest.raises(ValueError, match="has no NCCL type"):
+        d.all_reduce(_Arr(4, "complex64"))
+    with pytest.raises(ValueError, match="op must be one of"):
+        d.all_reduce(_Arr(4), op="mean")
+    with pytest.raises(ValueError, match="root must be a rank"):
+        d.broadcast(_Arr(4), root=2)
+    with pytest.raises(ValueError, match="world_size\\*recv.size = 2\\*4"):
+        d.reduce_scatter(_Arr(7), _Arr(4))
+    with pytest.raises(ValueError, match="world_size\\*send.size = 2\\*3"):
+        d.all_gather(_Arr(3), _Arr(5))
+    assert d.comm.calls == []
+
+
+def test_dist_alone_issues_nothing(fake_nccl):
+    d = _dist(world=1, rank=0)
+    d.all_reduce(_Arr(4), op="avg")
+    d.reduce(_Arr(4), root=0)
+    d.broadcast(_Arr(4))
+    with d.group():
+        d.all_reduce(_Arr(4))
+    d.barrier()
+    assert d.broadcast_object({"a": 1}) == {"a": 1}
+    assert d.comm.calls == [] and fake_nccl.groups == [] and d._issued == 0
