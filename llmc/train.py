@@ -200,6 +200,8 @@ def run(cfg: TrainConfig) -> dict:
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or last:
             save(done)
     summary["loss"] = loss
+    if dist is not None:
+        dist.close()
     return summary
 
 
