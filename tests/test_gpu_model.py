@@ -198,9 +198,13 @@ def test_adamw_trajectory_matches_torch(torch, name, dtype):
     from llmc.gpu_optim import GPUAdamW
     from tests.torch_gpt2 import make_optimizer
     mc, B, T = CONFIGS[name]
-    if name == "d12":
-        T = 256
     lr, wd, clip = 1e-3, 0.1, 1.0
+    if name == "d12":
+        # At 1e-3 without warmup on one repeated batch, d12's gradient norm spikes from step 2
+        # on and the spike's size depends on rounding (measured on an H200: step-2 norm 19.0
+        # for llmc bf16 vs 31.0 for torch fp32, losses still within 3e-2); at GPT-2's own
+        # scale of learning rate the trajectory is not chaotic and must match.
+        T, lr = 256, 1e-4
     flat = weights(mc, bf16=dtype == "bf16")
     x, y = batch(mc, B, T)
     tol = FP32_TOL if dtype == "fp32" else BF16_TOL
