@@ -235,7 +235,11 @@ class TorchRunner:
         torch.backends.cudnn.allow_tf32 = True
         torch.manual_seed(args.seed)
         torch.cuda.reset_peak_memory_stats()
-        self.model = TorchGPT2(mc, attn="sdpa").cuda()
+        self.model = TorchGPT2(mc, attn="sdpa")
+        from llmc.params import init_params
+        from tests.torch_gpt2 import load_flat
+        load_flat(self.model, init_params(mc, args.seed))  # the same initial weights as llmc
+        self.model = self.model.cuda()
         self.fwd = torch.compile(self.model) if args.torch_compile else self.model
         self.opt = make_optimizer(self.model, lr=6e-4, weight_decay=0.1, betas=(0.9, 0.95),
                                   eps=1e-8, fused=True)

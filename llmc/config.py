@@ -118,6 +118,9 @@ class TrainConfig:
         choices=("bf16", "fp32"), help="compute dtype on cuda (the CPU path is always fp32)"))
     recompute: int = field(default=0, metadata=dict(
         choices=(0, 1), help="1: recompute GELU in the backward instead of storing it"))
+    classifier_chunks: Optional[int] = field(default=None, metadata=dict(
+        help="run the LM head in this many chunks of rows (smaller logits buffer) "
+             "[default: one chunk per 16,384 tokens of the micro-batch]"))
     zero: Optional[int] = field(default=None, metadata=dict(
         choices=(0, 1), help="ZeRO stage: 1 shards the optimizer state over ranks [default: 1 when world size > 1]"))
     attention: str = field(default="auto", metadata=dict(
@@ -145,6 +148,9 @@ def resolve(cfg: TrainConfig, device: str, world_size: int = 1) -> TrainConfig:
         out.seq_len = 1024 if cuda else 64
     if out.max_steps is None:
         out.max_steps = 200 if cuda else 30
+    if out.classifier_chunks is None:
+        n = out.batch_size * out.seq_len
+        out.classifier_chunks = n // 16384 if n % 16384 == 0 and n > 16384 else 1
     if out.zero is None:
         out.zero = 1 if world_size > 1 else 0
     if not cuda:
@@ -179,6 +185,10 @@ def check(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError(f"--lr must be positive, got {cfg.lr}")
     if cfg.grad_clip < 0 or cfg.weight_decay < 0:
         raise ConfigError("--grad-clip and --weight-decay must be >= 0")
+    n_rows = cfg.batch_size * cfg.seq_len
+    if cfg.classifier_chunks < 1 or n_rows % cfg.classifier_chunks != 0:
+        raise ConfigError(f"--classifier-chunks {cfg.classifier_chunks} must be >= 1 and divide "
+                          f"batch-size*seq-len = {n_rows}")
     if cfg.keep_checkpoints < 1:
         raise ConfigError("--keep-checkpoints must be >= 1")
     if cfg.zero == 1 and world_size == 1:

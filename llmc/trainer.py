@@ -107,7 +107,8 @@ class GPUBackend:
         self.dist = dist
         self.world_size, self.rank = dist.world_size, dist.rank
         self.model = GPUModel(mc, cfg.batch_size, cfg.seq_len, dtype=cfg.dtype,
-                              recompute=cfg.recompute, attention=cfg.attention)
+                              recompute=cfg.recompute, attention=cfg.attention,
+                              classifier_chunks=cfg.classifier_chunks)
         self.dp = DataParallel(dist, self.model, zero=cfg.zero, beta1=cfg.beta1, beta2=cfg.beta2,
                                eps=cfg.eps, weight_decay=cfg.weight_decay,
                                grad_clip=cfg.grad_clip, seed=cfg.seed)

@@ -74,3 +74,10 @@ def test_seq_len_above_context():
 def test_out_of_range(field, value, flag):
     with pytest.raises(ConfigError, match=flag):
         resolve(TrainConfig(**{field: value}), "cpu")
+
+
+def test_classifier_chunks_default_and_check():
+    assert resolve(TrainConfig(batch_size=64, seq_len=1024), "cuda").classifier_chunks == 4
+    assert resolve(TrainConfig(batch_size=16, seq_len=1024), "cuda").classifier_chunks == 1
+    with pytest.raises(ConfigError, match="--classifier-chunks 3 must be >= 1 and divide"):
+        resolve(TrainConfig(batch_size=4, seq_len=64, classifier_chunks=3), "cpu")
