@@ -61,6 +61,7 @@ class Watchdog:
         self._abort = abort
         self._device = device
         self._stop = threading.Event()
+        self.failing = threading.Event()  # set once fail() runs: the process is about to exit 3
         self._thread = threading.Thread(target=self._run, name="llmc-watchdog", daemon=True)
 
     def start(self) -> "Watchdog":
@@ -125,6 +126,7 @@ class Watchdog:
 
     def fail(self, msg: str, publish: bool = True) -> None:
         """Tell the others why (through the store), abort NCCL, exit with WATCHDOG_EXIT."""
+        self.failing.set()
         if publish:
             with contextlib.suppress(OSError, ValueError):
                 self.store.set("abort", f"{msg} (seen by rank {self.rank})".encode())
@@ -203,9 +205,18 @@ class Dist:
         if self.comm is not None:
             self.comm.abort()
 
+    def _yield_to_watchdog(self) -> None:
+        """Once the watchdog has started failing, the abort it issued makes NCCL calls return
+        with garbage; the main thread must not race it to an exit with another code or message,
+        so it waits here for the watchdog's exit (code 3, with the message naming the rank)."""
+        if self._watchdog is not None and self._watchdog.failing.is_set():
+            while True:
+                time.sleep(1.0)
+
     def _at_exit(self) -> None:
         """Leaving without close() (an exception, or a script that never called it): no barrier
         (the others may be elsewhere), just stop the heartbeats and abort NCCL, which never blocks."""
+        self._yield_to_watchdog()
         if self.comm is not None:
             self._watchdog._stop.set()
             self._abort()
@@ -346,6 +357,7 @@ class Dist:
         self.all_reduce(token)
         cupy.cuda.get_current_stream().synchronize()
         if int(token[0]) != self.world_size:
+            self._yield_to_watchdog()
             raise DistributedError(f"barrier counted {int(token[0])} ranks, expected {self.world_size}")
 
     def broadcast_object(self, obj=None, root: int = 0):
