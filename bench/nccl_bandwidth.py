@@ -11,6 +11,8 @@ the README's projection for 8 and 64 GPUs.
 import statistics
 
 import cupy
+import ml_dtypes
+import numpy as np
 
 from llmc.distributed import init_distributed
 
@@ -36,9 +38,8 @@ def main():
     W = dist.world_size
     n = (N + W - 1) // W * W
     rows = []
-    for dtype, name in ((cupy.float32, "fp32"), ("bfloat16", "bf16")):
-        import ml_dtypes
-        dt = cupy.dtype(ml_dtypes.bfloat16) if name == "bf16" else cupy.dtype(dtype)
+    for name in ("fp32", "bf16"):
+        dt = np.dtype(ml_dtypes.bfloat16) if name == "bf16" else np.dtype(np.float32)
         buf = cupy.zeros(n, dtype=dt)
         ms = timed(lambda: dist.all_reduce(buf))
         busbw = 2 * (W - 1) / W * n * dt.itemsize / (ms / 1e3) / 1e9
