@@ -108,6 +108,10 @@ class TrainConfig:
     val_steps: int = field(default=10, metadata=dict(help="batches per validation"))
     sample_every: int = field(default=0, metadata=dict(help="print a sample every N steps (always at the end); 0: only at the end"))
     sample_tokens: int = field(default=64, metadata=dict(help="tokens generated per sample"))
+    hellaswag: Optional[str] = field(default=None, metadata=dict(
+        help="a HellaSwag eval file (python -m data_tools.hellaswag) scored at every validation"))
+    hellaswag_limit: Optional[int] = field(default=None, metadata=dict(
+        help="score only the first N HellaSwag examples"))
     out_dir: str = field(default="out", metadata=dict(help="config.json, metrics.jsonl and checkpoints go here"))
     checkpoint_every: int = field(default=0, metadata=dict(help="checkpoint every N steps (and at the end); 0: only at the end"))
     keep_checkpoints: int = field(default=2, metadata=dict(help="how many newest checkpoints to keep"))

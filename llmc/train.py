@@ -117,6 +117,9 @@ def run(cfg: TrainConfig) -> dict:
     train_loader = DataLoader(train_paths, B, T, rank=rank, world_size=world, seed=cfg.seed)
     val_loader = DataLoader(val_paths, B, T, rank=rank, world_size=world, seed=cfg.seed, shuffle=False)
 
+    if cfg.hellaswag:
+        from llmc.eval import load_examples
+        load_examples(cfg.hellaswag)  # a missing or damaged file fails now, not after training
     backend = make_backend(cfg, mc, dist)
     n_params = num_params(mc)
     dev_label = device_name() if device == "cuda" else "cpu"
@@ -195,6 +198,12 @@ def run(cfg: TrainConfig) -> dict:
             log.metric(step=step, val_loss=val)
             log.info(f"val loss {val:.6f} ({val_steps} batches)")
             summary["val_loss"] = val
+            if cfg.hellaswag and rank == 0:
+                from llmc.eval import hellaswag_eval
+                hs = hellaswag_eval(backend.model, cfg.hellaswag, limit=cfg.hellaswag_limit)
+                log.metric(step=step, hellaswag_acc=hs["acc"], hellaswag_acc_norm=hs["acc_norm"])
+                log.info(f"hellaswag acc {hs['acc']:.4f} acc_norm {hs['acc_norm']:.4f} ({hs['n']} examples)")
+                summary["hellaswag"] = hs
         if (cfg.sample_every and done % cfg.sample_every == 0) or last:
             summary["sample"] = sample(done)
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or last:

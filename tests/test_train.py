@@ -95,3 +95,22 @@ def test_bad_input_one_clear_line(tmp_path, case):
     err = r.stderr.strip().splitlines()
     assert "Traceback" not in r.stderr, r.stderr
     assert len(err) == 1 and expect in err[0], r.stderr
+
+
+def test_hellaswag_scored_at_validation(tmp_path):
+    from llmc.eval import save_examples
+    from llmc.tokenizer import encode
+    examples = [(encode("The cat sat on the"), [encode(" mat."), encode(" moon."), encode(" dog."),
+                                                 encode(" idea.")], 0)] * 3
+    path = save_examples(tmp_path / "hs.npz", examples)
+    assert main(TINY + ["--max-steps", "2", "--out-dir", str(tmp_path / "o"), "--hellaswag", str(path)]) == 0
+    rows = [json.loads(l) for l in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    hs = [r for r in rows if "hellaswag_acc" in r]
+    assert len(hs) == 1 and hs[0]["hellaswag_acc"] in (0.0, 1.0)  # 3 identical examples
+
+
+def test_missing_hellaswag_file_fails_before_training(tmp_path):
+    r = _run_cli(TINY + ["--max-steps", "1", "--out-dir", str(tmp_path / "o"),
+                         "--hellaswag", str(tmp_path / "none.npz")], tmp_path)
+    assert r.returncode == 2 and "none.npz" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
