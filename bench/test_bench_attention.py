@@ -1,0 +1,115 @@
+"""Causal self-attention at GPT-2 124M: B=64, NH=12, T=1024, HS=64 (C=768), bf16.
+
+Timed in one process: llmc's flash kernels (both block variants, 4 and 8 warps), the "matmul"
+method of llmc.ops.attention (cuBLAS products + our softmax, a T x T matrix per head), and PyTorch
+scaled_dot_product_attention(is_causal=True) with the FlashAttention-2 backend and the cuDNN
+backend as peers. Forward, and forward + backward (dqkv `=` from dout). FLOPs are counted causal,
+as in PEERS.md: forward 2*B*NH*T^2*HS, forward + backward 3.5x that. `extra_info`: CUDA-event
+median ms, TFLOP/s, fraction of 780 TFLOP/s, peer ms and speedups; the flash forward+backward
+cases also give the backward alone. Correctness is checked on a small case first.
+
+Run:  python -m pytest bench/test_bench_attention.py --benchmark-only -q
+"""
+import ml_dtypes
+import numpy as np
+import pytest
+
+from bench.timing import cuda_time, device_randn, record, to_host, torch_peer
+from llmc import reference
+from tests.tolerances import assert_close
+
+B, NH, T, HS = 64, 12, 1024, 64
+C = NH * HS
+BF16 = np.dtype(ml_dtypes.bfloat16)
+FWD_FLOPS = 2 * B * NH * T * T * HS
+FLOPS = {"forward": FWD_FLOPS, "forward_backward": int(3.5 * FWD_FLOPS)}
+METHODS = ["flash_w4", "flash_w8", "matmul"]
+
+
+def check_small(warps):
+    """Flash forward + backward on B=2, T=100 against the float64 reference."""
+    import cupy
+    from llmc.ops.flash_attention import (flash_attention_backward, flash_attention_forward,
+                                          flash_scratch_shapes)
+    b, t = 2, 100
+    qkv, dout = device_randn((b, t, 3 * C), BF16, 1), device_randn((b, t, C), BF16, 2)
+    out, lse = cupy.empty((b, t, C), BF16), cupy.empty((b, NH, t), np.float32)
+    dqkv = cupy.empty((b, t, 3 * C), BF16)
+    scratch = {k: cupy.empty(s, d) for k, (s, d) in flash_scratch_shapes(b, t, C, NH).items()}
+    flash_attention_forward(out, lse, qkv, NH, warps=warps)
+    flash_attention_backward(dqkv, dout, qkv, out, lse, NH, scratch, warps=warps)
+    ref_out, att = reference.attention_forward(to_host(qkv), NH)
+    assert_close(to_host(out), ref_out, "bf16", "out", rel=1e-2)
+    assert_close(to_host(dqkv), reference.attention_backward(to_host(dout), to_host(qkv), att, NH),
+                 "bf16", "dqkv", rel=1e-2)
+
+
+def sdpa(backend_name: str, train: bool):
+    """make() for torch_peer: SDPA on contiguous (B, NH, T, HS) bf16 q, k, v with one backend."""
+    def make():
+        import torch
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        backend = getattr(SDPBackend, backend_name, None)
+        if backend is None:
+            raise RuntimeError(f"SDPBackend.{backend_name} is not in torch {torch.__version__}")
+        q, k, v = (torch.randn(B, NH, T, HS, device="cuda", dtype=torch.bfloat16,
+                               requires_grad=train) for _ in range(3))
+        dy = torch.randn(B, NH, T, HS, device="cuda", dtype=torch.bfloat16)
+
+        def fn():
+            with sdpa_kernel(backend):
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                if train:  # grads returned, not accumulated: no extra add kernels
+                    torch.autograd.grad(y, (q, k, v), dy)
+        fn()  # fail here (not while timing) if the backend cannot run this shape
+        return fn
+    return make
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("direction", ["forward", "forward_backward"])
+@pytest.mark.parametrize("method", METHODS)
+def test_bench_attention(benchmark, method, direction):
+    import cupy
+    from llmc.ops import attention as attn
+    from llmc.ops import flash_attention as fa
+    qkv = device_randn((B, T, 3 * C), BF16, seed=1)
+    dout = device_randn((B, T, C), BF16, seed=2)
+    out, dqkv = cupy.empty((B, T, C), BF16), cupy.empty((B, T, 3 * C), BF16)
+    info = benchmark.extra_info
+    if method == "matmul":
+        saved = attn.allocate(attn.attention_buffers(B, T, C, NH, BF16, "matmul"))
+        scratch = attn.allocate(attn.attention_scratch(B, T, C, NH, BF16, "matmul"))
+
+        def fwd():
+            attn.attention_forward(out, saved, qkv, NH, scratch)
+
+        def bwd():
+            attn.attention_backward(dqkv, dout, qkv, out, saved, NH, scratch)
+    else:
+        warps = int(method[-1])
+        check_small(warps)
+        lse = cupy.empty((B, NH, T), np.float32)
+        scratch = {k: cupy.empty(s, d) for k, (s, d) in fa.flash_scratch_shapes(B, T, C, NH).items()}
+
+        def fwd():
+            fa.flash_attention_forward(out, lse, qkv, NH, warps=warps)
+
+        def bwd():
+            fa.flash_attention_backward(dqkv, dout, qkv, out, lse, NH, scratch, warps=warps)
+
+    def both():
+        fwd()
+        bwd()
+    fn = fwd if direction == "forward" else both
+    fn()
+    ms = record(benchmark, fn, flops=FLOPS[direction])
+    assert np.all(np.isfinite(to_host(out[0, :4]))), "out went non-finite while timing"
+    if direction == "forward_backward":
+        assert np.all(np.isfinite(to_host(dqkv[0, :4]))), "dqkv went non-finite while timing"
+        info["backward_ms"] = round(cuda_time(bwd), 4)
+    if method != "matmul":
+        train = direction == "forward_backward"
+        torch_peer(info, "sdpa_flash2", sdpa("FLASH_ATTENTION", train), ms)
+        torch_peer(info, "sdpa_cudnn", sdpa("CUDNN_ATTENTION", train), ms)

@@ -1,0 +1,195 @@
+"""Causal flash attention kernels (llmc/ops/flash_attention.py) against the NumPy reference.
+
+Checks, for both block variants (4 and 8 warps): out, lse and dqkv against
+llmc.reference.attention_forward/attention_backward (and a float64 log-sum-exp) evaluated in
+float64 on the bf16 values the kernels see; shapes with NH=12, HS=64, B=2..8 and T in
+{1, 17, 64, 100, 1024} (T=1, tiles not filled, 36 heads = two full head groups and a partial
+one). Outputs and scratch are poisoned with NaN first. The forward and backward are bitwise
+identical across two runs. On the production shape (B=64, T=1024) the results are compared with
+PyTorch's scaled_dot_product_attention when torch with CUDA is importable. Argument validation.
+
+Run: pytest tests/test_flash_attention.py        (the gpu tests skip without a CUDA device)
+"""
+import ml_dtypes
+import numpy as np
+import pytest
+
+from llmc import reference
+from tests.tolerances import assert_close
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+HS = 64
+NH = 12
+# (B, T): T=1, T below / at / not a multiple of the 64-row tiles, the GPT-2 length
+SHAPES = [(2, 1), (3, 17), (2, 64), (8, 100), (2, 1024)]
+REL = 1e-2  # norm-wise relative error allowed for bf16 outputs
+
+
+def poison(arr):
+    """Fill a device array with NaN bit patterns (so an unwritten element fails the test)."""
+    arr.view({2: np.uint16, 4: np.uint32}[arr.itemsize]).fill({2: 0x7FC0, 4: 0x7FC00000}[arr.itemsize])
+    return arr
+
+
+def device(x):
+    """Host bf16/f32 array -> device array of the same dtype (moved as raw bits)."""
+    import cupy
+    u = {2: np.uint16, 4: np.uint32}[x.itemsize]
+    return cupy.asarray(x.view(u)).view(x.dtype)
+
+
+def host(arr):
+    """Device bf16/f32 array -> float64 NumPy array."""
+    import cupy
+    u = {2: np.uint16, 4: np.uint32}[arr.itemsize]
+    return cupy.asnumpy(arr.view(u)).view(arr.dtype).astype(np.float64)
+
+
+def make_inputs(B, T, seed):
+    """qkv ~ N(0, 1) and dout ~ N(0, 1) rounded to bf16: (bf16 arrays, float64 of the same values)."""
+    rng = np.random.default_rng(seed)
+    qkv = rng.standard_normal((B, T, 3 * NH * HS)).astype(BF16)
+    dout = rng.standard_normal((B, T, NH * HS)).astype(BF16)
+    return qkv, dout
+
+
+def run(qkv_h, dout_h, warps):
+    """Forward and backward on freshly poisoned buffers; returns device (out, lse, dqkv)."""
+    import cupy
+    from llmc.ops.flash_attention import (flash_attention_backward, flash_attention_forward,
+                                          flash_scratch_shapes)
+    B, T, C3 = qkv_h.shape
+    C = C3 // 3
+    qkv, dout = device(qkv_h), device(dout_h)
+    out = poison(cupy.empty((B, T, C), dtype=BF16))
+    lse = poison(cupy.empty((B, NH, T), dtype=np.float32))
+    dqkv = poison(cupy.empty((B, T, 3 * C), dtype=BF16))
+    scratch = {name: poison(cupy.empty(shape, dtype=dt))
+               for name, (shape, dt) in flash_scratch_shapes(B, T, C, NH).items()}
+    flash_attention_forward(out, lse, qkv, NH, warps=warps)
+    flash_attention_backward(dqkv, dout, qkv, out, lse, NH, scratch, warps=warps)
+    cupy.cuda.get_current_stream().synchronize()
+    return out, lse, dqkv
+
+
+def reference_lse(qkv, T):
+    """log sum_{u <= t} exp(q_t . k_u / sqrt(HS)) in float64: (B, NH, T)."""
+    B = qkv.shape[0]
+    C = NH * HS
+    q = qkv[..., :C].reshape(B, T, NH, HS).transpose(0, 2, 1, 3)
+    k = qkv[..., C:2 * C].reshape(B, T, NH, HS).transpose(0, 2, 1, 3)
+    s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(HS)  # (B, NH, T, T)
+    s[..., np.triu(np.ones((T, T), dtype=bool), k=1)] = -np.inf
+    m = s.max(axis=-1, keepdims=True)
+    return (m + np.log(np.exp(s - m).sum(axis=-1, keepdims=True)))[..., 0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("warps", [4, 8])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B%dT%d" % s)
+def test_against_reference(shape, warps):
+    B, T = shape
+    qkv_h, dout_h = make_inputs(B, T, seed=B * 1000 + T)
+    out, lse, dqkv = run(qkv_h, dout_h, warps)
+    qkv, dout = qkv_h.astype(np.float64), dout_h.astype(np.float64)
+    out_ref, att = reference.attention_forward(qkv, NH)
+    dqkv_ref = reference.attention_backward(dout, qkv, att, NH)
+    assert_close(host(out), out_ref, "bf16", "out", rel=REL)
+    assert_close(host(lse), reference_lse(qkv, T), "fp32", "lse")
+    C = NH * HS
+    got = host(dqkv)
+    assert_close(got, dqkv_ref, "bf16", "dqkv", rel=REL)
+    dq, dk, dv = (got[..., i * C:(i + 1) * C] for i in range(3))
+    dq_ref, dk_ref, dv_ref = (dqkv_ref[..., i * C:(i + 1) * C] for i in range(3))
+    assert_close(dv, dv_ref, "bf16", "dv", rel=REL)
+    if T == 1:  # one key: P = 1, dS = P (dP - D) = 0 exactly, so dq = dk = 0 up to rounding
+        for name, part in (("dq", dq), ("dk", dk)):
+            worst = np.max(np.abs(part)) / np.max(np.abs(dv_ref))
+            assert worst <= 1e-3, f"{name}: must vanish for T = 1, max |{name}| / max |dv| = {worst:.2e}"
+    else:
+        assert_close(dq, dq_ref, "bf16", "dq", rel=REL)
+        assert_close(dk, dk_ref, "bf16", "dk", rel=REL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("warps", [4, 8])
+def test_bitwise_deterministic(warps):
+    import cupy
+    qkv_h, dout_h = make_inputs(4, 300, seed=7)
+    first = run(qkv_h, dout_h, warps)
+    second = run(qkv_h, dout_h, warps)
+    for name, a, b in zip(("out", "lse", "dqkv"), first, second):
+        u = {2: np.uint16, 4: np.uint32}[a.itemsize]
+        assert bool(cupy.array_equal(a.view(u), b.view(u))), f"{name}: differs between two runs"
+
+
+@pytest.mark.gpu
+def test_against_torch_sdpa():
+    """Production shape B=64, T=1024: ours and PyTorch SDPA agree to bf16 accuracy."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA")
+    import cupy
+    import torch.nn.functional as F
+    B, T = 64, 1024
+    C = NH * HS
+    qkv_h, dout_h = make_inputs(B, T, seed=11)
+    out, lse, dqkv = run(qkv_h, dout_h, None)
+
+    def as_torch(a):  # a device bf16 array seen by torch (raw bits through DLPack)
+        return torch.from_dlpack(a.view(np.uint16)).view(torch.bfloat16)
+
+    qkv_t = as_torch(device(qkv_h))
+    heads = [qkv_t[..., i * C:(i + 1) * C].reshape(B, T, NH, HS).transpose(1, 2).detach()
+             .requires_grad_() for i in range(3)]
+    y = F.scaled_dot_product_attention(*heads, is_causal=True)  # (B, NH, T, HS)
+    y.backward(as_torch(device(dout_h)).reshape(B, T, NH, HS).transpose(1, 2))
+    torch.cuda.synchronize()
+    cupy.cuda.get_current_stream().synchronize()
+
+    def rel(ours, theirs):
+        a, b = ours.double(), theirs.double()
+        return float((a - b).norm() / b.norm())
+
+    ours_out = as_torch(out).reshape(B, T, NH, HS).transpose(1, 2)
+    assert rel(ours_out, y.detach()) <= REL, f"out vs SDPA: {rel(ours_out, y.detach()):.3e}"
+    ours = as_torch(dqkv)
+    for i, name in enumerate(("dq", "dk", "dv")):
+        mine = ours[..., i * C:(i + 1) * C].reshape(B, T, NH, HS).transpose(1, 2)
+        err = rel(mine, heads[i].grad)
+        assert err <= REL, f"{name} vs SDPA: norm-wise relative difference {err:.3e} > {REL}"
+
+
+@pytest.mark.gpu
+def test_validation():
+    import cupy
+    from llmc.ops.flash_attention import flash_attention_backward, flash_attention_forward
+    B, T, C = 2, 8, NH * HS
+    qkv = cupy.zeros((B, T, 3 * C), dtype=BF16)
+    out = cupy.zeros((B, T, C), dtype=BF16)
+    lse = cupy.zeros((B, NH, T), dtype=np.float32)
+    with pytest.raises(ValueError, match="qkv.*bfloat16.*matmul"):
+        flash_attention_forward(cupy.zeros((B, T, C), np.float32), lse,
+                                cupy.zeros((B, T, 3 * C), np.float32), NH)
+    with pytest.raises(ValueError, match="head size 64.*matmul"):
+        flash_attention_forward(out, cupy.zeros((B, NH // 2, T), np.float32), qkv, NH // 2)
+    with pytest.raises(ValueError, match="n_head"):
+        flash_attention_forward(out, lse, qkv, 5)
+    with pytest.raises(ValueError, match="out"):
+        flash_attention_forward(cupy.zeros((B, T + 1, C), BF16), lse, qkv, NH)
+    with pytest.raises(ValueError, match="lse"):
+        flash_attention_forward(out, cupy.zeros((B, NH, T), BF16), qkv, NH)
+    with pytest.raises(ValueError, match="warps"):
+        flash_attention_forward(out, lse, qkv, NH, warps=6)
+    with pytest.raises(ValueError, match="qkv.*aligned"):
+        flash_attention_forward(out, lse, cupy.zeros(B * T * 3 * C + 1, BF16)[1:]
+                                .reshape(B, T, 3 * C), NH)
+    dqkv = cupy.zeros_like(qkv)
+    with pytest.raises(ValueError, match="scratch"):
+        flash_attention_backward(dqkv, out, qkv, out, lse, NH, {})
+    with pytest.raises(ValueError, match="scratch\\['D'\\]"):
+        flash_attention_backward(dqkv, out, qkv, out, lse, NH,
+                                 {"D": cupy.zeros((B, NH, T + 1), np.float32)})
+    with pytest.raises(ValueError, match="dout"):
+        flash_attention_backward(dqkv, qkv, qkv, out, lse, NH,
+                                 {"D": cupy.zeros((B, NH, T), np.float32)})
