@@ -91,7 +91,8 @@ def test_bench_attention(benchmark, method, direction):
         warps = int(method[-1])
         check_small(warps)
         lse = cupy.empty((B, NH, T), np.float32)
-        scratch = {k: cupy.empty(s, d) for k, (s, d) in fa.flash_scratch_shapes(B, T, C, NH).items()}
+        spec = fa.flash_scratch_shapes(B, T, C, NH)
+        scratch = {k: cupy.empty(s, d) for k, (s, d) in spec.items()}
 
         def fwd():
             fa.flash_attention_forward(out, lse, qkv, NH, warps=warps)

@@ -8,18 +8,19 @@
 // softmax probability from it as P = exp(q . k / 8 - lse).
 //
 // One block: 16 * NW query rows of one head, NW warps of 16 rows each (4 or 8; two variants
-// while the benchmark decides). Each warp keeps its Q strip as mma A fragments in registers and
-// streams 64-key tiles of K and V through double-buffered shared memory (cp.async), so the next
-// tile loads while this one is multiplied. Per tile: S = Q K^T (mma), the online softmax on the
-// S fragments (running max m and sum l per row, exp2 with the 1/8 scale folded into one FFMA),
-// P packed to bf16 in registers as the A operand of O += P V. Causal: a warp skips tiles whose
+// while the benchmark decides). The block streams 64-key tiles of K and V through
+// double-buffered shared memory (cp.async), so the next tile loads while this one is
+// multiplied; each warp reads its Q strip from shared memory as mma A fragments. Per tile:
+// S = Q K^T (mma), the online softmax on the S fragments (running max m and sum l per row, exp2
+// with the 1/8 scale folded into one FFMA), P packed to bf16 in registers as the A operand of
+// O += P V. Causal: a warp skips tiles whose
 // keys all follow its rows and masks only tiles that cross its diagonal; keys past T only ever
 // sit in such tiles and are zero-filled. Fixed order everywhere: bitwise deterministic.
 #include "flash_attention.cuh"
 
 template <int NW>
-__device__ __forceinline__ void flash_forward(__nv_bfloat16* __restrict__ out, float* __restrict__ lse,
-                                              const __nv_bfloat16* __restrict__ qkv, int B, int T,
+__device__ __forceinline__ void flash_forward(bf16* __restrict__ out, float* __restrict__ lse,
+                                              const bf16* __restrict__ qkv, int B, int T,
                                               int NH) {
     constexpr int BR = 16 * NW, NT = 32 * NW;
     const int C = NH * FA_HS;
@@ -31,9 +32,9 @@ __device__ __forceinline__ void flash_forward(__nv_bfloat16* __restrict__ out, f
     const int n_kt = (q_end + FA_TILE - 1) / FA_TILE;  // key tiles holding keys < q_end
 
     const long long stride = 3 * C;
-    const __nv_bfloat16* q_src = qkv + (long long)b * T * stride + h * FA_HS;
-    const __nv_bfloat16* k_src = q_src + C;
-    const __nv_bfloat16* v_src = q_src + 2 * C;
+    const bf16* q_src = qkv + (long long)b * T * stride + h * FA_HS;
+    const bf16* k_src = q_src + C;
+    const bf16* v_src = q_src + 2 * C;
 
     // shared: Q (BR rows; reused to stage the output), K[2], V[2] (64 rows each)
     const unsigned sQ = fa_smem_u32(fa_smem);
@@ -60,8 +61,9 @@ __device__ __forceinline__ void flash_forward(__nv_bfloat16* __restrict__ out, f
         __syncthreads();  // tile j visible to all; every warp is done with tile j - 1's buffers
         if (j + 1 < n_kt) {
             const int k1 = (j + 1) * FA_TILE, buf = (j + 1) & 1;
-            fa_load_tile<FA_TILE, NT>(sK + buf * FA_TILE_BYTES, k_src + k1 * stride, stride, T - k1);
-            fa_load_tile<FA_TILE, NT>(sV + buf * FA_TILE_BYTES, v_src + k1 * stride, stride, T - k1);
+            const unsigned off = buf * FA_TILE_BYTES;
+            fa_load_tile<FA_TILE, NT>(sK + off, k_src + k1 * stride, stride, T - k1);
+            fa_load_tile<FA_TILE, NT>(sV + off, v_src + k1 * stride, stride, T - k1);
             fa_cp_async_commit();
         }
         const int k0 = j * FA_TILE;
@@ -131,14 +133,16 @@ __device__ __forceinline__ void flash_forward(__nv_bfloat16* __restrict__ out, f
     fa_store_tile<BR, NT>(out + ((long long)b * T + q0) * C + h * FA_HS, C, q_end - q0, fa_smem);
 }
 
-extern "C" __global__ void __launch_bounds__(128, 4)
-flash_attention_forward_w4(__nv_bfloat16* __restrict__ out, float* __restrict__ lse,
-                           const __nv_bfloat16* __restrict__ qkv, int B, int T, int NH) {
+// Register budgets: ptxas (12.9) gives 126 registers to w4 and 125 to w8 without spills, so 4 (w4)
+// or 2 (w8) blocks fit an SM: 16 warps. A minimum-blocks hint of 4 on w4 made it spill.
+extern "C" __global__ void __launch_bounds__(128)
+flash_attention_forward_w4(bf16* __restrict__ out, float* __restrict__ lse,
+                           const bf16* __restrict__ qkv, int B, int T, int NH) {
     flash_forward<4>(out, lse, qkv, B, T, NH);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
-flash_attention_forward_w8(__nv_bfloat16* __restrict__ out, float* __restrict__ lse,
-                           const __nv_bfloat16* __restrict__ qkv, int B, int T, int NH) {
+flash_attention_forward_w8(bf16* __restrict__ out, float* __restrict__ lse,
+                           const bf16* __restrict__ qkv, int B, int T, int NH) {
     flash_forward<8>(out, lse, qkv, B, T, NH);
 }

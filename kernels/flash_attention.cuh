@@ -8,7 +8,7 @@
 //
 // Fragment layouts of mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 (PTX ISA), for lane l,
 // g = l / 4, t = l % 4; a 32-bit register holds two bf16, the lower column in the low half:
-//   A 16x16:  a0 = A[g][2t..2t+1]  a1 = A[g+8][2t..2t+1]  a2 = A[g][2t+8..2t+9]  a3 = A[g+8][2t+8..]
+//   A 16x16:  a0 = A[g][2t..2t+1]  a1 = A[g+8][2t..2t+1]  a2 = A[g][2t+8..]  a3 = A[g+8][2t+8..]
 //   B 16x8:   b0 = B[2t..2t+1][g]  b1 = B[2t+8..2t+9][g]
 //   C 16x8:   c0, c1 = C[g][2t..2t+1]  c2, c3 = C[g+8][2t..2t+1]
 // So the C fragments of n-tiles 2j and 2j+1, packed to bf16, are exactly the A fragment of
@@ -22,8 +22,10 @@
 #pragma once
 #include "common.cuh"
 
+typedef __nv_bfloat16 bf16;
+
 constexpr int FA_HS = 64;          // head size: one 128-byte tile row
-constexpr int FA_TILE = 64;        // rows of the streamed tiles (keys forward and dQ, queries dK/dV)
+constexpr int FA_TILE = 64;        // rows of a streamed tile: keys (forward, dq), queries (dk/dv)
 constexpr int FA_TILE_BYTES = FA_TILE * FA_HS * 2;
 constexpr int FA_GROUP = 16;       // heads scheduled together (see fa_schedule)
 constexpr float FA_LOG2E = 1.4426950408889634f;
@@ -47,7 +49,9 @@ __device__ __forceinline__ void fa_cp_async4(unsigned dst, const void* src, bool
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
                  "r"(valid ? 4 : 0));
 }
-__device__ __forceinline__ void fa_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void fa_cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::);
+}
 __device__ __forceinline__ void fa_cp_async_wait_all() {
     asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 }
@@ -87,7 +91,7 @@ __device__ __forceinline__ unsigned fa_offset(int row, int chunk) {
 // Start copying ROWS rows of 64 bf16 (row r at src + r * stride) into the tile at `dst`; rows
 // from `valid` on are zero-filled (their source address is clamped to row 0, never read).
 template <int ROWS, int NTHREADS>
-__device__ __forceinline__ void fa_load_tile(unsigned dst, const __nv_bfloat16* src,
+__device__ __forceinline__ void fa_load_tile(unsigned dst, const bf16* src,
                                              long long stride, int valid) {
     static_assert((ROWS * 8) % NTHREADS == 0, "whole chunks per thread");
 #pragma unroll
@@ -107,7 +111,7 @@ __device__ __forceinline__ void fa_load_row64(unsigned dst, const float* src, in
 
 // Copy the first `valid` rows of a tile to global rows dst + r * stride, 16 bytes a thread.
 template <int ROWS, int NTHREADS>
-__device__ __forceinline__ void fa_store_tile(__nv_bfloat16* dst, long long stride, int valid,
+__device__ __forceinline__ void fa_store_tile(bf16* dst, long long stride, int valid,
                                               const unsigned char* tile) {
     static_assert((ROWS * 8) % NTHREADS == 0, "whole chunks per thread");
 #pragma unroll

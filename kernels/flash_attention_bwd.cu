@@ -14,15 +14,17 @@
 //  2. flash_attention_backward_dkdv: one block per 16 * NW keys, looping over 64-query tiles of
 //     Q, dout, lse and D: dk and dv in registers.
 // S and P are computed in both (7 tile products per tile pair instead of 5): the price of no
-// float atomics and no fp32 dq buffer. A warp holds its strips (Q, dout or K, V) as A fragments;
+// float atomics and no fp32 dq buffer. A warp's own strips (Q and dout, or K and V) stay in
+// shared memory and are re-read as A fragments every tile (registers are the scarcer resource);
 // P and dS are repacked to A fragments in registers (see flash_attention.cuh). Rows and keys
 // past T are zero-filled in shared memory and masked.
+// Registers (ptxas 12.9, no spills): w4 168 (3 blocks, 12 warps an SM), w8 about 205 (1 block).
 #include "flash_attention.cuh"
 
 template <int NW>
 __device__ __forceinline__ void flash_backward_dq(
-        __nv_bfloat16* __restrict__ dqkv, float* __restrict__ D, const __nv_bfloat16* __restrict__ dout,
-        const __nv_bfloat16* __restrict__ qkv, const __nv_bfloat16* __restrict__ out,
+        bf16* __restrict__ dqkv, float* __restrict__ D, const bf16* __restrict__ dout,
+        const bf16* __restrict__ qkv, const bf16* __restrict__ out,
         const float* __restrict__ lse, int B, int T, int NH) {
     constexpr int BR = 16 * NW, NT = 32 * NW;
     const int C = NH * FA_HS;
@@ -34,9 +36,9 @@ __device__ __forceinline__ void flash_backward_dq(
     const int n_kt = (q_end + FA_TILE - 1) / FA_TILE;
 
     const long long stride = 3 * C;
-    const __nv_bfloat16* q_src = qkv + (long long)b * T * stride + h * FA_HS;
-    const __nv_bfloat16* k_src = q_src + C;
-    const __nv_bfloat16* v_src = q_src + 2 * C;
+    const bf16* q_src = qkv + (long long)b * T * stride + h * FA_HS;
+    const bf16* k_src = q_src + C;
+    const bf16* v_src = q_src + 2 * C;
     const long long row_do = ((long long)b * T + q0) * C + h * FA_HS;  // row q0 of dout and out
 
     // shared: Q (BR rows; reused to stage dq), dO (BR), K[2], V[2] (64 rows each), D (BR floats)
@@ -58,8 +60,8 @@ __device__ __forceinline__ void flash_backward_dq(
         const int r = i >> 3, c = i & 7;
         float d = 0.0f;
         if (q0 + r < T) {
-            const Packed128<__nv_bfloat16> a = load128(dout + row_do + (long long)r * C + c * 8);
-            const Packed128<__nv_bfloat16> o = load128(out + row_do + (long long)r * C + c * 8);
+            const Packed128<bf16> a = load128(dout + row_do + (long long)r * C + c * 8);
+            const Packed128<bf16> o = load128(out + row_do + (long long)r * C + c * 8);
 #pragma unroll
             for (int k = 0; k < 8; k++) d = fmaf(to_float(a[k]), to_float(o[k]), d);
         }
@@ -91,8 +93,9 @@ __device__ __forceinline__ void flash_backward_dq(
         __syncthreads();  // tile j and sD visible to all; tile j - 1's buffers free
         if (j + 1 < n_kt) {
             const int k1 = (j + 1) * FA_TILE, buf = (j + 1) & 1;
-            fa_load_tile<FA_TILE, NT>(sK + buf * FA_TILE_BYTES, k_src + k1 * stride, stride, T - k1);
-            fa_load_tile<FA_TILE, NT>(sV + buf * FA_TILE_BYTES, v_src + k1 * stride, stride, T - k1);
+            const unsigned off = buf * FA_TILE_BYTES;
+            fa_load_tile<FA_TILE, NT>(sK + off, k_src + k1 * stride, stride, T - k1);
+            fa_load_tile<FA_TILE, NT>(sV + off, v_src + k1 * stride, stride, T - k1);
             fa_cp_async_commit();
         }
         if (j == 0) {
@@ -109,7 +112,7 @@ __device__ __forceinline__ void flash_backward_dq(
             s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
             dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.0f;
         }
-        unsigned af[4][4];  // this warp's Q, then dO strip: reloaded per tile, cheaper than registers
+        unsigned af[4][4];  // this warp's Q, then dO strip (re-read each tile: registers are dear)
         fa_load_a(af, sQ, 16 * warp, lane);
         fa_mma_tile_t(s, af, tK, lane);
         fa_load_a(af, sdO, 16 * warp, lane);
@@ -120,7 +123,8 @@ __device__ __forceinline__ void flash_backward_dq(
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const bool masked = diag && k0 + 8 * n + 2 * t + (e & 1) > row0 + g + 8 * (e >> 1);
-                const float p = masked ? 0.0f : fa_exp2(fmaf(s[n][e], FA_SCALE_LOG2, -lse2[e >> 1]));
+                const float p =
+                    masked ? 0.0f : fa_exp2(fmaf(s[n][e], FA_SCALE_LOG2, -lse2[e >> 1]));
                 s[n][e] = p * (dp[n][e] - dd[e >> 1]);  // dS
             }
         }
@@ -138,8 +142,8 @@ __device__ __forceinline__ void flash_backward_dq(
 
 template <int NW>
 __device__ __forceinline__ void flash_backward_dkdv(
-        __nv_bfloat16* __restrict__ dqkv, const __nv_bfloat16* __restrict__ dout,
-        const __nv_bfloat16* __restrict__ qkv, const float* __restrict__ lse,
+        bf16* __restrict__ dqkv, const bf16* __restrict__ dout,
+        const bf16* __restrict__ qkv, const float* __restrict__ lse,
         const float* __restrict__ D, int B, int T, int NH) {
     constexpr int BC = 16 * NW, NT = 32 * NW;
     const int C = NH * FA_HS;
@@ -148,13 +152,13 @@ __device__ __forceinline__ void flash_backward_dkdv(
     const int bh = job.x, b = bh / NH, h = bh % NH;
     const int k0 = job.y * BC;  // rank 0 = the first keys, which every query sees
     const int k_end = min(k0 + BC, T);
-    const int n_qt = (T - k0 + FA_TILE - 1) / FA_TILE;  // query tiles from k0: earlier ones see none
+    const int n_qt = (T - k0 + FA_TILE - 1) / FA_TILE;  // query tiles from k0 (earlier: all masked)
 
     const long long stride = 3 * C;
-    const __nv_bfloat16* q_src = qkv + (long long)b * T * stride + h * FA_HS;
-    const __nv_bfloat16* k_src = q_src + C;
-    const __nv_bfloat16* v_src = q_src + 2 * C;
-    const __nv_bfloat16* do_src = dout + (long long)b * T * C + h * FA_HS;
+    const bf16* q_src = qkv + (long long)b * T * stride + h * FA_HS;
+    const bf16* k_src = q_src + C;
+    const bf16* v_src = q_src + 2 * C;
+    const bf16* do_src = dout + (long long)b * T * C + h * FA_HS;
     const float* lse_src = lse + (long long)bh * T;
     const float* d_src = D + (long long)bh * T;
 
@@ -189,8 +193,9 @@ __device__ __forceinline__ void flash_backward_dkdv(
         __syncthreads();  // query tile j visible to all; tile j - 1's buffers free
         if (j + 1 < n_qt) {
             const int q1 = k0 + (j + 1) * FA_TILE, buf = (j + 1) & 1;
-            fa_load_tile<FA_TILE, NT>(sQ + buf * FA_TILE_BYTES, q_src + q1 * stride, stride, T - q1);
-            fa_load_tile<FA_TILE, NT>(sdO + buf * FA_TILE_BYTES, do_src + (long long)q1 * C, C, T - q1);
+            const unsigned off = buf * FA_TILE_BYTES;
+            fa_load_tile<FA_TILE, NT>(sQ + off, q_src + q1 * stride, stride, T - q1);
+            fa_load_tile<FA_TILE, NT>(sdO + off, do_src + (long long)q1 * C, C, T - q1);
             fa_load_row64(sL + buf * FA_TILE * 4, lse_src + q1, T - q1);
             fa_load_row64(sDD + buf * FA_TILE * 4, d_src + q1, T - q1);
             fa_cp_async_commit();
@@ -206,7 +211,7 @@ __device__ __forceinline__ void flash_backward_dkdv(
         float st[8][4];
 #pragma unroll
         for (int n = 0; n < 8; n++) st[n][0] = st[n][1] = st[n][2] = st[n][3] = 0.0f;
-        unsigned af[4][4];  // this warp's K, then V strip: reloaded per tile, cheaper than registers
+        unsigned af[4][4];  // this warp's K, then V strip (re-read each tile: registers are dear)
         fa_load_a(af, sK, 16 * warp, lane);
         fa_mma_tile_t(st, af, tQ, lane);
         // masked: a key after the query, or a query past T (its zero row would give P = 1)
@@ -219,7 +224,8 @@ __device__ __forceinline__ void flash_backward_dkdv(
                 const int query = qs + 8 * n + 2 * t + (e & 1);
                 const bool masked = edge && (key0 + g + 8 * (e >> 1) > query || query >= T);
                 const float lse_q = (e & 1) ? l2.y : l2.x;
-                st[n][e] = masked ? 0.0f : fa_exp2(fmaf(st[n][e], FA_SCALE_LOG2, -lse_q * FA_LOG2E));
+                st[n][e] =
+                    masked ? 0.0f : fa_exp2(fmaf(st[n][e], FA_SCALE_LOG2, -lse_q * FA_LOG2E));
             }
         }
         unsigned pf[4][4];
@@ -235,7 +241,8 @@ __device__ __forceinline__ void flash_backward_dkdv(
         for (int n = 0; n < 8; n++) {
             const float2 d2 = *reinterpret_cast<const float2*>(tD + 8 * n + 2 * t);
 #pragma unroll
-            for (int e = 0; e < 4; e++) dpt[n][e] = st[n][e] * (dpt[n][e] - ((e & 1) ? d2.y : d2.x));
+            for (int e = 0; e < 4; e++)
+                dpt[n][e] = st[n][e] * (dpt[n][e] - ((e & 1) ? d2.y : d2.x));
         }
         fa_c_to_a(pf, dpt);
         fa_mma_tile(dk, pf, tQ, lane);  // dK += dS^T Q (scaled at the end)
@@ -245,37 +252,37 @@ __device__ __forceinline__ void flash_backward_dkdv(
     fa_stage(fa_smem, dk, FA_SCALE, 16 * warp, lane);
     fa_stage(fa_smem + BC * 128, dv, 1.0f, 16 * warp, lane);
     __syncthreads();
-    __nv_bfloat16* dk_dst = dqkv + ((long long)b * T + k0) * stride + C + h * FA_HS;
+    bf16* dk_dst = dqkv + ((long long)b * T + k0) * stride + C + h * FA_HS;
     fa_store_tile<BC, NT>(dk_dst, stride, k_end - k0, fa_smem);
     fa_store_tile<BC, NT>(dk_dst + C, stride, k_end - k0, fa_smem + BC * 128);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 3)
-flash_attention_backward_dq_w4(__nv_bfloat16* __restrict__ dqkv, float* __restrict__ D,
-                               const __nv_bfloat16* __restrict__ dout, const __nv_bfloat16* __restrict__ qkv,
-                               const __nv_bfloat16* __restrict__ out, const float* __restrict__ lse,
+flash_attention_backward_dq_w4(bf16* __restrict__ dqkv, float* __restrict__ D,
+                               const bf16* __restrict__ dout, const bf16* __restrict__ qkv,
+                               const bf16* __restrict__ out, const float* __restrict__ lse,
                                int B, int T, int NH) {
     flash_backward_dq<4>(dqkv, D, dout, qkv, out, lse, B, T, NH);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
-flash_attention_backward_dq_w8(__nv_bfloat16* __restrict__ dqkv, float* __restrict__ D,
-                               const __nv_bfloat16* __restrict__ dout, const __nv_bfloat16* __restrict__ qkv,
-                               const __nv_bfloat16* __restrict__ out, const float* __restrict__ lse,
+flash_attention_backward_dq_w8(bf16* __restrict__ dqkv, float* __restrict__ D,
+                               const bf16* __restrict__ dout, const bf16* __restrict__ qkv,
+                               const bf16* __restrict__ out, const float* __restrict__ lse,
                                int B, int T, int NH) {
     flash_backward_dq<8>(dqkv, D, dout, qkv, out, lse, B, T, NH);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 3)
-flash_attention_backward_dkdv_w4(__nv_bfloat16* __restrict__ dqkv, const __nv_bfloat16* __restrict__ dout,
-                                 const __nv_bfloat16* __restrict__ qkv, const float* __restrict__ lse,
+flash_attention_backward_dkdv_w4(bf16* __restrict__ dqkv, const bf16* __restrict__ dout,
+                                 const bf16* __restrict__ qkv, const float* __restrict__ lse,
                                  const float* __restrict__ D, int B, int T, int NH) {
     flash_backward_dkdv<4>(dqkv, dout, qkv, lse, D, B, T, NH);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
-flash_attention_backward_dkdv_w8(__nv_bfloat16* __restrict__ dqkv, const __nv_bfloat16* __restrict__ dout,
-                                 const __nv_bfloat16* __restrict__ qkv, const float* __restrict__ lse,
+flash_attention_backward_dkdv_w8(bf16* __restrict__ dqkv, const bf16* __restrict__ dout,
+                                 const bf16* __restrict__ qkv, const float* __restrict__ lse,
                                  const float* __restrict__ D, int B, int T, int NH) {
     flash_backward_dkdv<8>(dqkv, dout, qkv, lse, D, B, T, NH);
 }

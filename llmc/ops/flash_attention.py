@@ -93,7 +93,8 @@ def flash_scratch_shapes(B: int, T: int, C: int, NH: int) -> dict:
 
 
 def flash_attention_forward(out, lse, qkv, n_head: int, *, warps: int | None = None):
-    """out (B, T, C) bf16 = causal softmax(q k^T / 8) v per head; lse (B, NH, T) f32 = its log normalizer."""
+    """out (B, T, C) bf16 = causal softmax(q k^T / 8) v per head; lse (B, NH, T) f32 = log of
+    each row's softmax normalizer (natural log), kept for the backward."""
     B, T, C, NH = _check_qkv(qkv, n_head)
     check("out", out, (B, T, C), BF16)
     check_aligned("out", out)
@@ -110,7 +111,7 @@ def flash_attention_forward(out, lse, qkv, n_head: int, *, warps: int | None = N
 
 def flash_attention_backward(dqkv, dout, qkv, out, lse, n_head: int, scratch, *,
                              warps: int | None = None):
-    """dqkv (B, T, 3C) bf16 = gradient of flash_attention_forward through dout (B, T, C); overwrites dqkv.
+    """dqkv (B, T, 3C) bf16 `=` gradient of flash_attention_forward through dout (B, T, C).
 
     out and lse are the forward's outputs; scratch is a dict of arrays as flash_scratch_shapes.
     """
@@ -123,8 +124,8 @@ def flash_attention_backward(dqkv, dout, qkv, out, lse, n_head: int, scratch, *,
     check_aligned("out", out)
     check("lse", lse, (B, NH, T), F32)
     if not isinstance(scratch, dict) or "D" not in scratch:
-        raise ValueError(f"scratch: expected a dict with 'D' (see flash_scratch_shapes), got "
-                         f"{sorted(scratch) if isinstance(scratch, dict) else type(scratch).__name__}")
+        got = sorted(scratch) if isinstance(scratch, dict) else type(scratch).__name__
+        raise ValueError(f"scratch: expected a dict with 'D' (see flash_scratch_shapes), got {got}")
     D = check("scratch['D']", scratch["D"], (B, NH, T), F32)
     w = _warps(warps, WARPS["backward"])
     if B * T == 0:
