@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-FAMILIES = ("encoder", "layernorm", "matmul", "attention", "flash_attention", "gelu", "classifier",
+FAMILIES = ("encoder", "layernorm", "matmul", "attention", "flash_attention", "flash_attention_bwd",
+            "gelu", "classifier",
             "adamw")
 DTYPES = ("bf16", "fp32")
 CHECK_ARCHS = ("sm_80", "sm_90a")
