@@ -62,7 +62,7 @@ def matmul_flops(M: int, N: int, K: int, batch: int = 1) -> int:
     return 2 * M * N * K * batch
 
 
-def _matrix_layout(name: str, x, rows: int, cols: int) -> int:
+def row_stride(name: str, x, rows: int, cols: int) -> int:
     """Row stride (elements) of x's last two dims viewed as a (rows, cols) row-major matrix."""
     item = x.itemsize
     s_row, s_col = x.strides[-2], x.strides[-1]
@@ -156,9 +156,9 @@ def gemm(c, a, b, *, trans_a: bool = False, trans_b: bool = False, alpha: float 
     K = Ka
     batch_shape = tuple(c.shape[:-2])
 
-    ldc = _matrix_layout("c", c, M, N)
-    lda = _matrix_layout("a", a, a.shape[-2], a.shape[-1])
-    ldb = _matrix_layout("b", b, b.shape[-2], b.shape[-1])
+    ldc = row_stride("c", c, M, N)
+    lda = row_stride("a", a, a.shape[-2], a.shape[-1])
+    ldb = row_stride("b", b, b.shape[-2], b.shape[-1])
     sc = _batch_strides("c", c, batch_shape)
     sa = _batch_strides("a", a, batch_shape)
     sb = _batch_strides("b", b, batch_shape)
