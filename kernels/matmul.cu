@@ -1,29 +1,19 @@
-/* Matmul bias: the parts of a linear layer that cuBLAS does not do (llmc/cublas.py does the
-   products).
+/* Matmul bias gradient: the part of a linear layer that cuBLASLt does not do well
+   (llmc/cublaslt.py does the products, the forward's bias and the fused GELU backward).
 
-   forward:  out = inp @ weight.T + bias      as: out[n,:] = bias (bias_broadcast), then the
-             cuBLAS product with beta = 1 adds onto it; one write of out instead of a separate
-             read-modify-write pass after the product.
+   forward:  out = inp @ weight.T + bias       (cuBLASLt, bias epilogue)
    backward: dbias[oc] += sum over n of dout[n, oc]
 
    Shapes: inp (N, C), weight (OC, C), bias (OC,), out/dout (N, OC), N = B*T. OC a multiple of
-   the 128-bit pack (8 bf16 / 4 fp32). dinp/dweight come from cuBLAS (dinp =, dweight +=);
+   the 128-bit pack (8 bf16 / 4 fp32). dinp/dweight come from cuBLASLt (dinp =, dweight +=);
    dbias accumulates (+=).
 
    dbias is deterministic and two-pass: bias_backward_partial gives each (column chunk, row
    chunk) block its fixed rows and writes fp32 column partials (G, OC); bias_backward_reduce
-   adds the G partials in order.
+   adds the G partials in order. (cuBLASLt's BGRADB epilogue made the dweight product slower
+   than the product plus these two kernels.)
 */
 #include "common.cuh"
-
-// out[n, :] = bias; one thread per pack of out. Grid ceil(N * OC / size / block).
-extern "C" __global__ void bias_broadcast(floatX* out, const floatX* bias, int N, int OC) {
-    const int packs = OC / x128::size;
-    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (long long)N * packs) return;
-    const int c = (int)(idx % packs) * x128::size;
-    store128(out + idx * x128::size, load128(bias + c));
-}
 
 // Block (32, BY): threadIdx.x owns one pack of the 32-pack column chunk blockIdx.x; the block
 // covers rows [blockIdx.y * rows_per_block, + rows_per_block), thread row y taking rows y,

@@ -7,8 +7,9 @@ Two checks, each in a fresh subprocess (the stand-in replaces `cupy` in sys.modu
   loss, every gradient tensor, the gradient norm, 4 optimizer steps with 2 micro-steps each,
   logits of full and shorter inputs, the on_layer_grads order; recompute and classifier_chunks.
 - launch arguments: the REAL launchers (validation of shapes, dtypes, contiguity, 16-byte
-  alignment, scratch sizes) with only the kernel launch and the cuBLAS call stubbed, for bf16
-  flash/matmul, fp32, recompute, uneven classifier chunks, a ZeRO shard and the optimizer state.
+  alignment, scratch sizes) with only the kernel launches and the cuBLAS / cuBLASLt calls
+  stubbed, for bf16 flash/matmul, fp32, recompute, uneven classifier chunks, a ZeRO shard and
+  the optimizer state.
 This checks how GPUModel composes the ops, not the kernels (tests/test_gpu_*.py do, on a GPU).
 
 Run: python -m pytest tests/test_gpu_model_cpu.py -q
@@ -163,12 +164,16 @@ def install_reference_ops():
         clean(x)
         out[...] = ref.matmul_forward(x, A(weight), None if bias is None else A(bias)).reshape(out.shape)
 
-    def matmul_backward(dinp, dweight, dbias, dout, inp, weight, scratch):
+    def matmul_backward(dinp, dweight, dbias, dout, inp, weight, scratch, *, pre_gelu=None):
         OC, C = weight.shape
         g = A(dout).reshape(-1, OC)
         clean(g)
         assert not np.shares_memory(dinp, dout) and not np.shares_memory(dinp, inp)
         dx, dw, db = ref.matmul_backward(g, A(inp).reshape(-1, C), A(weight), dbias is not None)
+        if pre_gelu is not None:
+            assert pre_gelu.shape == dinp.shape and not np.shares_memory(pre_gelu, dinp)
+            clean(pre_gelu)
+            dx = ref.gelu_backward(A(pre_gelu).reshape(dx.shape), dx)
         dinp[...] = dx.reshape(dinp.shape)
         dweight += dw
         if dbias is not None:
@@ -286,7 +291,7 @@ def check_numerics():
 
 def check_launchers():
     cp = install_fake_cupy()
-    from llmc import cublas, kernels
+    from llmc import cublas, cublaslt, kernels
     launched = []
 
     class Kernel:
@@ -315,6 +320,7 @@ def check_launchers():
             launched.append("gemmStridedBatchedEx")
     kernels.function = lambda family, name, dtype="bf16": Kernel(f"{family}.{name}.{dtype}")
     cublas._lib = lambda: Lib()
+    cublaslt._run = lambda key, *a: launched.append(f"cublasLtMatmul.{key[10]}")  # epilogue
     import llmc.ops.attention as attention
     attention.flash_available = lambda: True
     import llmc.ops.flash_attention as flash

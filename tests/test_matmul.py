@@ -1,12 +1,18 @@
-"""Matmul on the GPU: llmc.cublas.gemm and llmc/ops/matmul.py against NumPy / llmc.reference.
+"""Matmul on the GPU: llmc.cublas.gemm, llmc.cublaslt.matmul and llmc/ops/matmul.py against
+NumPy / llmc.reference.
 
 cublas.gemm: the four transpose combinations, alpha/beta, batched (3-D), a or b broadcast (2-D
 with a 3-D partner), row-strided views (column slices of a wider array) and 4-D batches whose
 strides do not merge (heads of a qkv buffer); fp32 must match float64 to 1e-5 (no TF32), bf16
-to the bf16 tolerance. matmul_forward/backward: out = inp @ weight.T + bias, dinp =, dweight +=
-and dbias += onto random initial values, with and without bias, (N, C) and (B, T, C) inputs;
-the dbias reduction is bitwise deterministic. Shapes: GPT-2's (B=4, T=1024, C=768 -> 2304 and
-3072, 3072 -> 768), N=1, C=96, OC not a multiple of a block's columns. Argument validation.
+to the bf16 tolerance.
+cublaslt.matmul: the transpose combinations, beta = 1, row-strided views, no TF32 in fp32, the
+bias epilogue, and the DGELU epilogue on exact inputs over [-8, 8], which must be the gradient
+of llmc.reference's tanh GELU to the dtype's tolerance. Argument validation.
+matmul_forward/backward: out = inp @ weight.T + bias, dinp =, dweight += and dbias += onto
+random initial values, with and without bias, (N, C) and (B, T, C) inputs, and the backward
+with the GELU fused (pre_gelu: dinp = (dout @ weight) * gelu'(pre_gelu)); dbias is bitwise
+deterministic. Shapes: GPT-2's (B=4, T=1024, C=768 -> 2304 and 3072, 3072 -> 768), N=1, C=96,
+OC not a multiple of a block's columns. Argument validation.
 
 Run: pytest tests/test_matmul.py        (the gpu tests skip without a CUDA device)
 """
@@ -171,6 +177,111 @@ def test_gemm_validation():
 
 
 # ---------------------------------------------------------------------------------------------
+# cublaslt.matmul
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("mnk", [(256, 192, 320), (1, 8, 3), (65, 40, 129)], ids=str)
+def test_lt_transposes(mnk, trans_b, trans_a, dtype):
+    from llmc.cublaslt import matmul
+    M, N, K = mnk
+    rng = np.random.default_rng(M + N + K)
+    a, a64 = randn(rng, (K, M) if trans_a else (M, K), dtype)
+    b, b64 = randn(rng, (N, K) if trans_b else (K, N), dtype)
+    c = poisoned((M, N), dtype)
+    matmul(c, device(a), device(b), trans_a=trans_a, trans_b=trans_b)
+    want = (a64.T if trans_a else a64) @ (b64.T if trans_b else b64)
+    assert_close(host(c), want, dtype, "c")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_lt_beta_bias_and_strided(dtype):
+    """beta = 1 onto c; the bias epilogue; a, b, c as column slices of wider arrays."""
+    from llmc.cublaslt import matmul
+    rng = np.random.default_rng(11)
+    a, a64 = randn(rng, (64, 3 * 96), dtype)
+    b, b64 = randn(rng, (48, 96), dtype)
+    c0, c064 = randn(rng, (64, 2 * 48), dtype)
+    bias, bias64 = randn(rng, (48,), dtype)
+    c = device(c0)
+    matmul(c[:, 48:], device(a)[:, 96:192], device(b), trans_b=True, beta=1.0)
+    want = c064.copy()
+    want[:, 48:] += a64[:, 96:192] @ b64.T
+    assert_close(host(c), want, dtype, "c (beta = 1, strided)")
+    out = poisoned((64, 48), dtype)
+    matmul(out, device(a)[:, :96], device(b), trans_b=True, epilogue="bias", bias=device(bias))
+    assert_close(host(out), a64[:, :96] @ b64.T + bias64, dtype, "c (bias)")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_lt_dgelu_is_tanh_gelu_backward(dtype):
+    """cuBLASLt's GELU gradient on exact inputs x over [-8, 8] is llmc.reference's tanh GELU's
+    (the erf GELU's gradient differs from it by up to 9e-4, far beyond the fp32 tolerance).
+
+    The product g (8, 1) @ ones (1, n) is exact, so c = g * gelu'(x) holds only the epilogue's
+    error."""
+    from llmc.cublaslt import matmul
+    n = 4096
+    x = np.ascontiguousarray(np.broadcast_to(np.linspace(-8.0, 8.0, n).astype(DTYPES[dtype]),
+                                             (8, n)))
+    g, g64 = randn(np.random.default_rng(13), (8, 1), dtype)
+    out = poisoned((8, n), dtype)
+    matmul(out, device(g), device(np.ones((1, n), DTYPES[dtype])), epilogue="dgelu",
+           aux=device(x))
+    want = reference.gelu_backward(x.astype(np.float64), np.broadcast_to(g64, (8, n)))
+    assert_close(host(out), want, dtype, "dgelu")
+
+
+@pytest.mark.gpu
+def test_lt_fp32_is_not_tf32():
+    from llmc.cublaslt import matmul
+    rng = np.random.default_rng(4)
+    a = (1.0 + rng.random((512, 512)) * 2.0 ** -12).astype(np.float32)
+    b = (1.0 + rng.random((512, 512)) * 2.0 ** -12).astype(np.float32)
+    c = poisoned((512, 512), "fp32")
+    matmul(c, device(a), device(b))
+    want = a.astype(np.float64) @ b.astype(np.float64)
+    assert np.max(np.abs(c.get() - want) / want) < 1e-5
+
+
+@pytest.mark.gpu
+def test_lt_validation():
+    import cupy
+    from llmc.cublaslt import matmul
+    f32 = np.float32
+    a, b, c = cupy.ones((4, 8), f32), cupy.ones((8, 16), f32), cupy.empty((4, 16), f32)
+    with pytest.raises(ValueError, match="inner"):
+        matmul(c, a, cupy.ones((7, 16), f32))
+    with pytest.raises(ValueError, match="^b:"):
+        matmul(c, a, cupy.zeros((8, 16), DTYPES["bf16"]))
+    with pytest.raises(ValueError, match="^a:"):
+        matmul(c, cupy.ones((3, 8), f32), b)
+    with pytest.raises(ValueError, match="^a:"):
+        matmul(c, cupy.ones((2, 4, 8), f32), b)
+    with pytest.raises(ValueError, match="contiguous"):
+        matmul(c, cupy.ones((4, 16), f32)[:, ::2], b)
+    with pytest.raises(ValueError, match="epilogue"):
+        matmul(c, a, b, epilogue="relu")
+    with pytest.raises(ValueError, match="^bias:"):
+        matmul(c, a, b, epilogue="bias", bias=cupy.ones(4, f32))
+    with pytest.raises(ValueError, match="^bias:"):
+        matmul(c, a, b, epilogue="bias", bias=cupy.ones(16, DTYPES["bf16"]))
+    with pytest.raises(ValueError, match="^bias:"):
+        matmul(c, a, b, bias=cupy.ones(16, f32))
+    with pytest.raises(ValueError, match="^aux:"):
+        matmul(c, a, b, epilogue="dgelu", aux=cupy.empty((4, 8), f32))
+    with pytest.raises(ValueError, match="^aux:"):
+        matmul(cupy.empty((4, 4), f32), a, b[:, :4], epilogue="dgelu",
+               aux=cupy.empty((4, 4), f32))
+    with pytest.raises(ValueError, match="^beta:"):
+        matmul(c, a, b, epilogue="dgelu", aux=cupy.empty((4, 16), f32), beta=1.0)
+
+
+# ---------------------------------------------------------------------------------------------
 # matmul_forward / matmul_backward
 
 @pytest.mark.gpu
@@ -200,6 +311,33 @@ def test_forward_3d(dtype):
     out = poisoned((4, 1024, 2304), dtype)
     matmul_forward(out, device(x), device(w), device(b))
     assert_close(host(out), reference.matmul_forward(x64, w64, b64), dtype, "out")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(4096, 3072, 768), (37, 40, 96), (1, 8, 96)],
+                         ids=["fcproj", "N37C40OC96", "N1C8OC96"])
+def test_backward_dgelu(shape, dtype):
+    """dinp = (dout @ weight) * gelu'(pre_gelu); dweight and dbias as without it."""
+    import cupy
+    from llmc.ops.matmul import matmul_backward, matmul_backward_scratch_size
+    N, C, OC = shape
+    rng = np.random.default_rng(N + C + OC + 2)
+    pre, pre64 = randn(rng, (N, C), dtype, 2.0)
+    x = reference.gelu_forward(pre64).astype(DTYPES[dtype])  # the forward's stored gelu(pre)
+    x64 = x.astype(np.float64)
+    w, w64 = randn(rng, (OC, C), dtype, C ** -0.5)
+    dout, dout64 = randn(rng, (N, OC), dtype)
+    dw0, dw064 = randn(rng, (OC, C), dtype)
+    db0, db064 = randn(rng, (OC,), dtype)
+    dinp, dw, db = poisoned((N, C), dtype), device(dw0), device(db0)
+    scratch = cupy.full(matmul_backward_scratch_size(N, OC) // 4, np.nan, dtype=cupy.float32)
+    matmul_backward(dinp, dw, db, device(dout), device(x), device(w), scratch,
+                    pre_gelu=device(pre))
+    dx_r, dw_r, db_r = reference.matmul_backward(dout64, x64, w64)
+    assert_close(host(dinp), reference.gelu_backward(pre64, dx_r), dtype, "dinp")
+    assert_close(host(dw), dw064 + dw_r, dtype, "dweight")
+    assert_close(host(db), db064 + db_r, dtype, "dbias")
 
 
 def run_backward(shape, dtype, bias, seed):

@@ -1,26 +1,30 @@
-"""Linear layer launchers: cuBLAS products (llmc/cublas.py) plus kernels/matmul.cu for the bias.
+"""Linear layer launchers: cuBLASLt products with fused epilogues (llmc/cublaslt.py) plus
+kernels/matmul.cu for the bias gradient.
 
     matmul_forward(out (N,OC), inp (N,C), weight (OC,C), bias (OC,) | None)
-        out = inp @ weight.T + bias
+        out = inp @ weight.T + bias                      (cuBLASLt's bias epilogue)
     matmul_backward(dinp (N,C) =, dweight (OC,C) +=, dbias (OC,) += | None, dout (N,OC), inp,
-                    weight, scratch)
+                    weight, scratch, *, pre_gelu=None)
         dinp = dout @ weight ; dweight += dout.T @ inp ; dbias += sum over rows of dout
+        with pre_gelu (N,C) (inp = gelu(pre_gelu)): dinp = (dout @ weight) * gelu'(pre_gelu),
+        the GELU backward fused into the product (cuBLASLt's DGELU epilogue, tanh GELU)
     bias_backward(dbias (OC,) +=, dout (N,OC), scratch)      the dbias part alone
 
-Rows may be (N, X) or (B, T, X). With a bias, the forward writes the bias into every row of out
-and lets the product add onto it (beta = 1): one pass over out instead of a separate bias-add
-pass after the product. dbias is deterministic (fixed per-block fp32 partials, then a
-fixed-order reduction) and needs `matmul_backward_scratch_size(N, OC)` bytes of scratch.
-cuBLAS accumulates in fp32 and never uses TF32 for fp32 arrays.
+Rows may be (N, X) or (B, T, X). The bias is added to the product's fp32 accumulator by the
+epilogue, so out is written once. dbias is our deterministic two-pass reduction (fixed per-block
+fp32 partials, then a fixed-order sum) and needs `matmul_backward_scratch_size(N, OC)` bytes of
+scratch: cuBLASLt's bias-gradient epilogue (BGRADB) made the dweight product slower than the
+product plus this reduction (bench/test_bench_matmul.py, H100: qkv 0.806 vs 0.768 ms) and it
+writes only a bf16 vector beside a bf16 product. Products accumulate in fp32, never TF32.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from llmc import cublas, kernels
-from llmc.ops import (ceil_div, check, check_aligned, check_scratch, dtype_name, pack_size)
+from llmc import cublaslt, kernels
+from llmc.ops import (ceil_div, check, check_aligned, check_same, check_scratch, dtype_name,
+                      pack_size)
 
-BROADCAST_BLOCK = 256
 DBIAS_BY = 8            # thread rows of a bias_backward_partial block
 DBIAS_MIN_ROWS = 64     # rows per block at least
 DBIAS_MAX_ROW_BLOCKS = 256
@@ -47,22 +51,10 @@ def matmul_forward(out, inp, weight, bias=None):
     if y.shape[0] != x.shape[0]:
         raise ValueError(f"out: expected {x.shape[0]} rows (those of inp {tuple(inp.shape)}), "
                          f"got shape {tuple(out.shape)}")
-    N = x.shape[0]
-    beta = 0.0
     if bias is not None:
         check("bias", bias, (OC,), dt)
-        if OC % pack_size(dt) != 0:
-            raise ValueError(f"bias: OC must be a multiple of {pack_size(dt)} for {dt} "
-                             f"(128-bit access), got OC={OC}")
-        check_aligned("out", out)
-        check_aligned("bias", bias)
-        packs = N * OC // pack_size(dt)
-        if packs:
-            kernels.function("matmul", "bias_broadcast", dt)(
-                (ceil_div(packs, BROADCAST_BLOCK),), (BROADCAST_BLOCK,),
-                (y, bias, np.int32(N), np.int32(OC)))
-        beta = 1.0
-    cublas.gemm(y, x, weight, trans_b=True, beta=beta)
+    cublaslt.matmul(y, x, weight, trans_b=True, epilogue="default" if bias is None else "bias",
+                    bias=bias)
     return out
 
 
@@ -77,8 +69,12 @@ def matmul_backward_scratch_size(N: int, OC: int) -> int:
     return _dbias_grid(N)[0] * OC * 4
 
 
-def matmul_backward(dinp, dweight, dbias, dout, inp, weight, scratch):
-    """dinp = dout @ weight (=); dweight += dout.T @ inp; dbias += column sums of dout."""
+def matmul_backward(dinp, dweight, dbias, dout, inp, weight, scratch, *, pre_gelu=None):
+    """dinp = dout @ weight (=); dweight += dout.T @ inp; dbias += column sums of dout.
+
+    With pre_gelu (N,C), the forward's input was inp = gelu(pre_gelu) and dinp is the gradient
+    with respect to pre_gelu: (dout @ weight) * gelu'(pre_gelu), fused into the product.
+    """
     dt = dtype_name(weight, "weight")
     check("weight", weight, (None, None), dt)
     OC, C = weight.shape
@@ -93,6 +89,8 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, scratch):
         if a.shape[0] != N:
             raise ValueError(f"{name}: expected {N} rows (those of dout {tuple(dout.shape)}), "
                              f"got {a.shape[0]}")
+    if pre_gelu is not None:
+        check_same("pre_gelu", pre_gelu, dinp, "dinp")
     if dbias is not None:
         check("dbias", dbias, (OC,), dt)
         if OC % pack_size(dt) != 0:
@@ -100,8 +98,11 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, scratch):
                              f"(128-bit access), got OC={OC}")
         check_aligned("dout", dout)
         partial = check_scratch("scratch", scratch, matmul_backward_scratch_size(N, OC))
-    cublas.gemm(dx, g, weight)
-    cublas.gemm(dweight, g, x, trans_a=True, beta=1.0)
+    if pre_gelu is None:
+        cublaslt.matmul(dx, g, weight)
+    else:
+        cublaslt.matmul(dx, g, weight, epilogue="dgelu", aux=_as_rows("pre_gelu", pre_gelu, C))
+    cublaslt.matmul(dweight, g, x, trans_a=True, beta=1.0)
     if dbias is not None:
         _bias_backward(dbias, g, partial, dt)
 
