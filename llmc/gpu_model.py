@@ -18,7 +18,13 @@ Design:
 - Forward as llm.c: per layer ln1 -> qkv matmul (+bias) -> attention -> attproj matmul ->
   fused residual + ln2 -> fc matmul -> gelu -> fcproj matmul -> fused residual + next ln1 (the
   last layer's fuses lnf); logits = lnf @ wte.T (N, Vp); the fused classifier writes the losses
-  and overwrites the logits with dlogits = loss_scale/(B*T) * (softmax - onehot).
+  and overwrites the logits with dlogits = loss_scale/(B*T) * (softmax - onehot). Products are
+  cuBLASLt's with the bias added in their epilogue (llmc/cublaslt.py).
+- The GELU backward is fused into the fcproj backward's dinp product (cuBLASLt's DGELU
+  epilogue reads fch): dfch is written once, no separate gelu_backward pass. The forward keeps
+  our gelu kernel (cuBLASLt's GELU-with-aux epilogue would save ~0.6 ms a d12 step, but its GELU
+  of the fp32 accumulator is not what recompute=1 can rebuild from the stored bf16 fch, so
+  recompute would stop being bitwise).
 - classifier_chunks=k > 1 runs the LM head over k chunks of rows, each chunk's forward, loss
   and backward (dlnf rows, dwte +=) before the next, so the (N, Vp) logits buffer shrinks to
   (N/k, Vp): at d12, B=64, T=1024 that is 6.6 GB -> 1.65 GB for k=4, the same FLOPs.
@@ -241,9 +247,9 @@ class GPUModel:
             # MLP: residual3 = residual2 + fcproj(gelu(fc(ln2(residual2))))
             if self.recompute:
                 gelu.gelu_forward(a.fch_gelu[l], a.fch[l])
+            # dfch = (dresidual @ fcprojw) * gelu'(fch): the GELU backward in the product
             matmul.matmul_backward(a.dfch, dw["fcprojw"], dw["fcprojb"], a.dresidual,
-                                   a.fch_gelu[l], w["fcprojw"], s)
-            gelu.gelu_backward(a.dfch, a.fch[l], a.dfch)
+                                   a.fch_gelu[l], w["fcprojw"], s, pre_gelu=a.fch[l])
             matmul.matmul_backward(a.btc, dw["fcw"], dw["fcb"], a.dfch, a.ln2[l], w["fcw"], s)
             layernorm.layernorm_backward(a.dresidual, dw["ln2w"], dw["ln2b"], a.btc,
                                          a.residual2[l], w["ln2w"], a.ln2_mean[l],
