@@ -48,8 +48,11 @@ bench)
   ;;
 e2e)
   say "== end to end"
-  $PY bench/e2e.py --model d12 --batch-size 64 --seq-len 1024 --steps 20 --recompute 1 --profile --json "$OUT/e2e_d12.json" 2>&1 | tee "$OUT/e2e.txt" | tail -40
-  tail -12 "$OUT/e2e.txt" >> "$summary"
+  $PY bench/e2e.py --model d12 --batch-size 64 --seq-len 1024 --steps 20 --recompute 1 --classifier-chunks 4 --profile --json "$OUT/e2e_d12.json" 2>&1 | tee "$OUT/e2e.txt" | tail -40
+  tail -16 "$OUT/e2e.txt" >> "$summary"
+  # d24: B=32 so the compiled PyTorch peer fits an 80 GB card
+  $PY bench/e2e.py --model d24 --batch-size 32 --seq-len 1024 --steps 10 --recompute 1 --json "$OUT/e2e_d24.json" 2>&1 | tee "$OUT/e2e24.txt" | tail -12
+  tail -6 "$OUT/e2e24.txt" >> "$summary"
   ;;
 multigpu)
   say "== multi-gpu tests"
