@@ -11,7 +11,7 @@ export NCCL_NVLS_ENABLE=0
 PY=${PY:-python3}
 parts=${*:-env tests bench}
 summary=$OUT/summary.txt
-: > "$summary"
+touch "$summary"
 say() { echo "$*" | tee -a "$summary"; }
 
 for part in $parts; do
