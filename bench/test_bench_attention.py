@@ -1,6 +1,6 @@
 """Causal self-attention at GPT-2 124M: B=64, NH=12, T=1024, HS=64 (C=768), bf16.
 
-Timed in one process: llmc's flash kernels (both block variants, 4 and 8 warps), the "matmul"
+Timed in one process: llmc's flash kernels, the "matmul"
 method of llmc.ops.attention (cuBLAS products + our softmax, a T x T matrix per head), and PyTorch
 scaled_dot_product_attention(is_causal=True) with the FlashAttention-2 backend and the cuDNN
 backend as peers. Forward, and forward + backward (dqkv `=` from dout). FLOPs are counted causal,
@@ -23,10 +23,10 @@ C = NH * HS
 BF16 = np.dtype(ml_dtypes.bfloat16)
 FWD_FLOPS = 2 * B * NH * T * T * HS
 FLOPS = {"forward": FWD_FLOPS, "forward_backward": int(3.5 * FWD_FLOPS)}
-METHODS = ["flash_w4", "flash_w8", "matmul"]
+METHODS = ["flash", "matmul"]
 
 
-def check_small(warps):
+def check_small():
     """Flash forward + backward on B=2, T=100 against the float64 reference."""
     import cupy
     from llmc.ops.flash_attention import (flash_attention_backward, flash_attention_forward,
@@ -36,8 +36,8 @@ def check_small(warps):
     out, lse = cupy.empty((b, t, C), BF16), cupy.empty((b, NH, t), np.float32)
     dqkv = cupy.empty((b, t, 3 * C), BF16)
     scratch = {k: cupy.empty(s, d) for k, (s, d) in flash_scratch_shapes(b, t, C, NH).items()}
-    flash_attention_forward(out, lse, qkv, NH, warps=warps)
-    flash_attention_backward(dqkv, dout, qkv, out, lse, NH, scratch, warps=warps)
+    flash_attention_forward(out, lse, qkv, NH)
+    flash_attention_backward(dqkv, dout, qkv, out, lse, NH, scratch)
     ref_out, att = reference.attention_forward(to_host(qkv), NH)
     assert_close(to_host(out), ref_out, "bf16", "out", rel=1e-2)
     assert_close(to_host(dqkv), reference.attention_backward(to_host(dout), to_host(qkv), att, NH),
@@ -88,17 +88,16 @@ def test_bench_attention(benchmark, method, direction):
         def bwd():
             attn.attention_backward(dqkv, dout, qkv, out, saved, NH, scratch)
     else:
-        warps = int(method[-1])
-        check_small(warps)
+        check_small()
         lse = cupy.empty((B, NH, T), np.float32)
         spec = fa.flash_scratch_shapes(B, T, C, NH)
         scratch = {k: cupy.empty(s, d) for k, (s, d) in spec.items()}
 
         def fwd():
-            fa.flash_attention_forward(out, lse, qkv, NH, warps=warps)
+            fa.flash_attention_forward(out, lse, qkv, NH)
 
         def bwd():
-            fa.flash_attention_backward(dqkv, dout, qkv, out, lse, NH, scratch, warps=warps)
+            fa.flash_attention_backward(dqkv, dout, qkv, out, lse, NH, scratch)
 
     def both():
         fwd()

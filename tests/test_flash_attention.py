@@ -1,6 +1,6 @@
 """Causal flash attention kernels (llmc/ops/flash_attention.py) against the NumPy reference.
 
-Checks, for both block variants (4 and 8 warps): out, lse and dqkv against
+Checks: out, lse and dqkv against
 llmc.reference.attention_forward/attention_backward (and a float64 log-sum-exp) evaluated in
 float64 on the bf16 values the kernels see; shapes with NH=12, HS=64, B=2..8 and T in
 {1, 17, 64, 100, 1024} (T=1, tiles not filled, 36 heads = two full head groups and a partial
@@ -54,7 +54,7 @@ def make_inputs(B, T, seed):
     return qkv, dout
 
 
-def run(qkv_h, dout_h, warps):
+def run(qkv_h, dout_h):
     """Forward and backward on freshly poisoned buffers; returns device (out, lse, dqkv)."""
     import cupy
     from llmc.ops.flash_attention import (flash_attention_backward, flash_attention_forward,
@@ -67,8 +67,8 @@ def run(qkv_h, dout_h, warps):
     dqkv = poison(cupy.empty((B, T, 3 * C), dtype=BF16))
     scratch = {name: poison(cupy.empty(shape, dtype=dt))
                for name, (shape, dt) in flash_scratch_shapes(B, T, C, NH).items()}
-    flash_attention_forward(out, lse, qkv, NH, warps=warps)
-    flash_attention_backward(dqkv, dout, qkv, out, lse, NH, scratch, warps=warps)
+    flash_attention_forward(out, lse, qkv, NH)
+    flash_attention_backward(dqkv, dout, qkv, out, lse, NH, scratch)
     cupy.cuda.get_current_stream().synchronize()
     return out, lse, dqkv
 
@@ -86,12 +86,11 @@ def reference_lse(qkv, T):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("warps", [4, 8])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B%dT%d" % s)
-def test_against_reference(shape, warps):
+def test_against_reference(shape):
     B, T = shape
     qkv_h, dout_h = make_inputs(B, T, seed=B * 1000 + T)
-    out, lse, dqkv = run(qkv_h, dout_h, warps)
+    out, lse, dqkv = run(qkv_h, dout_h)
     qkv, dout = qkv_h.astype(np.float64), dout_h.astype(np.float64)
     out_ref, att = reference.attention_forward(qkv, NH)
     dqkv_ref = reference.attention_backward(dout, qkv, att, NH)
@@ -113,12 +112,11 @@ def test_against_reference(shape, warps):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("warps", [4, 8])
-def test_bitwise_deterministic(warps):
+def test_bitwise_deterministic():
     import cupy
     qkv_h, dout_h = make_inputs(4, 300, seed=7)
-    first = run(qkv_h, dout_h, warps)
-    second = run(qkv_h, dout_h, warps)
+    first = run(qkv_h, dout_h)
+    second = run(qkv_h, dout_h)
     for name, a, b in zip(("out", "lse", "dqkv"), first, second):
         u = {2: np.uint16, 4: np.uint32}[a.itemsize]
         assert bool(cupy.array_equal(a.view(u), b.view(u))), f"{name}: differs between two runs"
@@ -135,7 +133,7 @@ def test_against_torch_sdpa():
     B, T = 64, 1024
     C = NH * HS
     qkv_h, dout_h = make_inputs(B, T, seed=11)
-    out, lse, dqkv = run(qkv_h, dout_h, None)
+    out, lse, dqkv = run(qkv_h, dout_h)
 
     def as_torch(a):  # a device bf16 array seen by torch (raw bits through DLPack)
         return torch.from_dlpack(a.view(np.uint16)).view(torch.bfloat16)
@@ -180,8 +178,6 @@ def test_validation():
         flash_attention_forward(cupy.zeros((B, T + 1, C), BF16), lse, qkv, NH)
     with pytest.raises(ValueError, match="lse"):
         flash_attention_forward(out, cupy.zeros((B, NH, T), BF16), qkv, NH)
-    with pytest.raises(ValueError, match="warps"):
-        flash_attention_forward(out, lse, qkv, NH, warps=6)
     with pytest.raises(ValueError, match="qkv.*aligned"):
         flash_attention_forward(out, lse, cupy.zeros(B * T * 3 * C + 1, BF16)[1:]
                                 .reshape(B, T, 3 * C), NH)
