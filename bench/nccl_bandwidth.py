@@ -2,35 +2,20 @@
 
     python -m llmc.launch --nproc-per-node 2 --module bench.nccl_bandwidth
 
-Times (CUDA events, median of 10 after 3 warm-ups) an all-reduce of the whole gradient buffer
+Times (bench.timing.cuda_time: CUDA events, median of 20 after 3 warm-ups) an all-reduce of the whole gradient buffer
 (124,475,904 values, bf16 and fp32) and the ZeRO-1 pair reduce-scatter + all-gather in bf16,
 and prints the bus bandwidth as NCCL's own tests define it: all-reduce moves 2(W-1)/W of the
 buffer per GPU, reduce-scatter and all-gather (W-1)/W each. Rank 0 prints; the numbers feed
 the README's projection for 8 and 64 GPUs.
 """
-import statistics
-
 import cupy
 import ml_dtypes
 import numpy as np
 
+from bench.timing import cuda_time
 from llmc.distributed import init_distributed
 
 N = 124_475_904
-
-
-def timed(fn, iters=10, warmup=3):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, end))
-    return statistics.median(times)
 
 
 def main():
@@ -41,12 +26,12 @@ def main():
     for name in ("fp32", "bf16"):
         dt = np.dtype(ml_dtypes.bfloat16) if name == "bf16" else np.dtype(np.float32)
         buf = cupy.zeros(n, dtype=dt)
-        ms = timed(lambda: dist.all_reduce(buf))
+        ms = cuda_time(lambda: dist.all_reduce(buf))
         busbw = 2 * (W - 1) / W * n * dt.itemsize / (ms / 1e3) / 1e9
         rows.append((f"all_reduce {name}", ms, busbw))
         if name == "bf16":
             shard = cupy.zeros(n // W, dtype=dt)
-            ms = timed(lambda: (dist.reduce_scatter(buf, shard), dist.all_gather(shard, buf)))
+            ms = cuda_time(lambda: (dist.reduce_scatter(buf, shard), dist.all_gather(shard, buf)))
             busbw = 2 * (W - 1) / W * n * dt.itemsize / (ms / 1e3) / 1e9
             rows.append((f"reduce_scatter+all_gather {name}", ms, busbw))
     if dist.is_main:
