@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import gzip
 import sys
-from importlib import resources
 from pathlib import Path
 
+from llmc import assets
 from llmc.datasets import ASSET, VAL_TOKENS, tokenize_sections
 from llmc.shards import ShardError, write_shard
 
@@ -29,7 +29,7 @@ class TextError(ValueError):
 def read_text(source) -> tuple:
     """(name, text) of the bundled tiny-shakespeare (source None) or a UTF-8 text file."""
     if source is None:
-        raw = (resources.files("llmc") / "assets" / ASSET).read_bytes()
+        raw = assets.path(ASSET).read_bytes()
         return "tinyshakespeare", gzip.decompress(raw).decode("utf-8")
     path = Path(source).expanduser()
     if not path.is_file():

@@ -20,12 +20,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-from llmc import tokenizer
+from llmc import assets, tokenizer
 from llmc.shards import ShardError, open_shard, write_shard
 
 VAL_TOKENS = 32_768  # llm.c's tiny-shakespeare validation split: the first 32,768 tokens
@@ -41,7 +40,7 @@ def default_cache_dir(cache_dir=None) -> Path:
 
 
 def _asset_bytes() -> bytes:
-    return (resources.files("llmc") / "assets" / ASSET).read_bytes()
+    return assets.path(ASSET).read_bytes()
 
 
 def tokenize_sections(text: str) -> np.ndarray:

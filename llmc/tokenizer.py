@@ -7,7 +7,8 @@ documents in every llmc dataset.
 from __future__ import annotations
 
 import functools
-from importlib import resources
+
+from llmc import assets
 
 EOT = 50256
 VOCAB_SIZE = 50257
@@ -20,7 +21,7 @@ def get_encoding():
     """The tiktoken Encoding for GPT-2, loaded from the vendored vocabulary."""
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
-    path = resources.files("llmc") / "assets" / "r50k_base.tiktoken"
+    path = assets.path("r50k_base.tiktoken")
     ranks = load_tiktoken_bpe(str(path))
     return tiktoken.Encoding(name="gpt2", pat_str=_PATTERN, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": EOT})

@@ -6,12 +6,11 @@ Run:  python -m pytest tests/test_datasets.py -q
 """
 import gzip
 import threading
-from importlib import resources
 
 import numpy as np
 import pytest
 
-from llmc import datasets, tokenizer
+from llmc import assets, datasets, tokenizer
 from llmc.shards import open_shard
 
 
@@ -22,7 +21,7 @@ def built(tmp_path_factory):
 
 
 def asset_text():
-    return gzip.decompress((resources.files("llmc") / "assets" / "tinyshakespeare.txt.gz")
+    return gzip.decompress((assets.path("tinyshakespeare.txt.gz")
                            .read_bytes()).decode("utf-8")
 
 

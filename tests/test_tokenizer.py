@@ -3,9 +3,8 @@
 Run: pytest tests/test_tokenizer.py
 """
 import hashlib
-from importlib import resources
 
-from llmc import tokenizer
+from llmc import assets, tokenizer
 
 
 def test_known_ids():
@@ -26,6 +25,6 @@ def test_eot_and_vocab():
 
 
 def test_vendored_vocabulary_is_tiktokens_r50k():
-    data = (resources.files("llmc") / "assets" / "r50k_base.tiktoken").read_bytes()
+    data = assets.path("r50k_base.tiktoken").read_bytes()
     assert hashlib.sha256(data).hexdigest() == \
         "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
