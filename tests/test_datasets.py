@@ -21,8 +21,7 @@ def built(tmp_path_factory):
 
 
 def asset_text():
-    return gzip.decompress((assets.path("tinyshakespeare.txt.gz")
-                           .read_bytes()).decode("utf-8")
+    return gzip.decompress(assets.path("tinyshakespeare.txt.gz").read_bytes()).decode("utf-8")
 
 
 def test_counts_and_splits(built):
