@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llmc.durable import fsync_dir, fsync_file
+
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^ckpt_(\d{8})$")
 
@@ -32,24 +34,6 @@ class CheckpointError(ValueError):
 
 def checkpoint_dir(out_dir, step: int) -> Path:
     return Path(out_dir) / f"ckpt_{step:08d}"
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save(out_dir, step: int, *, params: np.ndarray | None, optim: dict, state: dict,
@@ -88,8 +72,8 @@ def save(out_dir, step: int, *, params: np.ndarray | None, optim: dict, state: d
         meta = dict(state, format_version=FORMAT_VERSION, step=step, world_size=world_size)
         state_path = tmp / "state.json"
         state_path.write_text(json.dumps(meta, indent=1))
-        _fsync_file(state_path)
-        _fsync_dir(tmp)
+        fsync_file(state_path)
+        fsync_dir(tmp)
         if final.exists():  # re-saving a step (e.g. after resuming): swap atomically-enough
             old = final.with_name(final.name + ".old")
             if old.exists():
@@ -99,7 +83,7 @@ def save(out_dir, step: int, *, params: np.ndarray | None, optim: dict, state: d
             shutil.rmtree(old)
         else:
             os.rename(tmp, final)
-        _fsync_dir(out_dir)
+        fsync_dir(out_dir)
         prune(out_dir, keep)
     if barrier is not None:
         barrier()

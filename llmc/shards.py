@@ -28,6 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from llmc.durable import fsync_dir
+
 FORMAT = "llmc-tokens"
 VERSION = "1"
 SPLITS = ("train", "val")
@@ -64,20 +66,6 @@ class Shard:
 
 def _tmp_path(path: Path) -> Path:
     return path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable; some filesystems refuse to open directories, that is fine."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _check_tokens(path: Path, tokens, vocab_size: int) -> np.ndarray:
@@ -141,7 +129,7 @@ def write_shard(path, tokens: np.ndarray, split: str, tokenizer: str = "gpt2",
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
