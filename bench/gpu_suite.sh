@@ -2,7 +2,7 @@
 # One device call that proves the GPU work: environment, kernel compile times (cold and cached),
 # the gpu-marked tests, the per-kernel benchmarks and the end-to-end comparison with PyTorch.
 # Usage (on the GPU machine, from the repo root):  OUT=/some/dir bash bench/gpu_suite.sh [parts]
-# parts: any of env tests bench e2e multigpu (default: env tests bench)
+# parts: any of env tests alltests bench e2e demo multigpu (default: env tests bench)
 set -uo pipefail
 OUT=${OUT:-/tmp/llmc_out}
 mkdir -p "$OUT"
@@ -48,11 +48,19 @@ bench)
   ;;
 e2e)
   say "== end to end"
+  # d12 at B=16 with the trainer's defaults (no recompute, one classifier chunk)
+  $PY bench/e2e.py --model d12 --batch-size 16 --seq-len 1024 --steps 30 --json "$OUT/e2e_d12_b16.json" 2>&1 | tee "$OUT/e2e16.txt" | tail -12
+  tail -6 "$OUT/e2e16.txt" >> "$summary"
   $PY bench/e2e.py --model d12 --batch-size 64 --seq-len 1024 --steps 20 --recompute 1 --classifier-chunks 4 --profile --json "$OUT/e2e_d12.json" 2>&1 | tee "$OUT/e2e.txt" | tail -40
   tail -16 "$OUT/e2e.txt" >> "$summary"
   # d24: B=32 so the compiled PyTorch peer fits an 80 GB card
   $PY bench/e2e.py --model d24 --batch-size 32 --seq-len 1024 --steps 10 --recompute 1 --json "$OUT/e2e_d24.json" 2>&1 | tee "$OUT/e2e24.txt" | tail -12
   tail -6 "$OUT/e2e24.txt" >> "$summary"
+  ;;
+demo)
+  say "== python -m llmc.train (no flags: d12 on tiny-shakespeare, 200 steps, sample)"
+  $PY -m llmc.train --out-dir "$OUT/demo" 2>&1 | tee "$OUT/demo.txt" | tail -30
+  grep -E "^step +(1|100|200)/" "$OUT/demo.txt" >> "$summary"; tail -12 "$OUT/demo.txt" >> "$summary"
   ;;
 multigpu)
   say "== multi-gpu tests"

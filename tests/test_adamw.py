@@ -14,33 +14,17 @@ Run: pytest tests/test_adamw.py        (the gpu tests skip without a CUDA device
 """
 import math
 
-import ml_dtypes
 import numpy as np
 import pytest
 
 from llmc import optim, params
 from llmc.config import ModelConfig
+from tests.gpu_arrays import DTYPES, device, host_bits
 from tests.tolerances import assert_close
 
-DTYPES = {"fp32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16)}
-UINT = {2: np.uint16, 4: np.uint32}
 MC = ModelConfig(n_layer=2, n_head=2, n_embd=64, vocab_size=500, padded_vocab_size=512,
                  block_size=64)
 HP = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
-
-
-def device(x):
-    import cupy
-    return cupy.asarray(x.view(UINT[x.itemsize])).view(x.dtype)
-
-
-def host_bits(a):
-    import cupy
-    return cupy.asnumpy(a.view(UINT[a.itemsize]))
-
-
-def host(a):
-    return host_bits(a).view(a.dtype).astype(np.float64)
 
 
 def norm_sq(grads):

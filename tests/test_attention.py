@@ -10,17 +10,13 @@ scratch dict, method resolution, buffer specs and argument validation.
 
 Run: pytest tests/test_attention.py        (the gpu tests skip without a CUDA device)
 """
-import ml_dtypes
 import numpy as np
 import pytest
 
 from llmc import reference
 from llmc.ops import attention as attn
+from tests.gpu_arrays import DTYPES, device, host, poison
 from tests.tolerances import assert_close
-
-DTYPES = {"fp32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16)}
-UINT = {2: np.uint16, 4: np.uint32}
-NAN_BITS = {2: 0x7FC0, 4: 0x7FC00000}
 
 # (B, T, C, NH): production, then awkward (T=1, T not a multiple of a warp, small odd heads)
 SHAPES = [(4, 1024, 768, 12), (2, 1, 96, 2), (3, 17, 96, 2), (2, 17, 768, 12), (1, 100, 96, 2)]
@@ -36,24 +32,6 @@ def rounded(x, dtype):
     """x (float64) rounded to the storage dtype: (storage array, float64 of the same values)."""
     s = np.asarray(x).astype(DTYPES[dtype])
     return s, s.astype(np.float64)
-
-
-def poison(arr):
-    """Fill a device array with NaN bit patterns (so an unwritten element fails the test)."""
-    arr.view(UINT[arr.itemsize]).fill(NAN_BITS[arr.itemsize])
-    return arr
-
-
-def device(x):
-    """Host array -> device array of the same dtype (moved as raw bits)."""
-    import cupy
-    return cupy.asarray(x.view(UINT[x.itemsize])).view(x.dtype)
-
-
-def host(arr):
-    """Device floatX array -> float64 NumPy array."""
-    import cupy
-    return cupy.asnumpy(arr.view(UINT[arr.itemsize])).view(arr.dtype).astype(np.float64)
 
 
 def allocate_poisoned(spec):
@@ -201,4 +179,3 @@ def test_validation():
         attn.attention_forward(cupy.empty((B, T, C), dtype=dt), saved, qkv, 5, scratch)
     with pytest.raises(ValueError, match="qkv"):
         attn.attention_forward(cupy.empty((B, T, C), dtype=dt), saved, qkv[:, ::2], NH, scratch)
-

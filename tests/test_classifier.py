@@ -12,35 +12,17 @@ reference sees too.
 
 Run: pytest tests/test_classifier.py        (the gpu tests skip without a CUDA device)
 """
-import ml_dtypes
 import numpy as np
 import pytest
 
 from llmc import reference
 from llmc.ops.classifier import fused_classifier
+from tests.gpu_arrays import DTYPES, UINT, device, host, host_bits
 from tests.tolerances import assert_close
-
-DTYPES = {"fp32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16)}
-UINT = {2: np.uint16, 4: np.uint32}
-NAN_BITS = {2: 0x7FC0, 4: 0x7FC00000}
 
 # (N, V, Vp): production, then awkward
 SHAPES = [(4096, 50257, 50304), (1, 50257, 50304), (17, 999, 1008), (5, 64, 64), (33, 3, 8),
           (9, 5000, 5008)]
-
-
-def device(x):
-    import cupy
-    return cupy.asarray(x.view(UINT[x.itemsize])).view(x.dtype)
-
-
-def host_bits(arr):
-    import cupy
-    return cupy.asnumpy(arr.view(UINT[arr.itemsize]))
-
-
-def host(arr):
-    return host_bits(arr).view(arr.dtype).astype(np.float64)
 
 
 def make_case(N, V, Vp, dtype, seed, scale=3.0):

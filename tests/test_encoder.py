@@ -9,40 +9,16 @@ An out-of-range token makes its output row NaN (and only that row).
 
 Run: pytest tests/test_encoder.py        (the gpu tests skip without a CUDA device)
 """
-import ml_dtypes
 import numpy as np
 import pytest
 
 from llmc import reference
+from tests.gpu_arrays import DTYPES, UINT, device, host, host_bits, poisoned
 from tests.tolerances import assert_close
 
-DTYPES = {"fp32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16)}
-UINT = {2: np.uint16, 4: np.uint32}
-NAN_BITS = {2: 0x7FC0, 4: 0x7FC00000}
 # (B, T, C, Vp, maxT)
 SHAPES = [(8, 1024, 768, 50304, 1024), (1, 1, 96, 50304, 1024), (3, 7, 40, 64, 9),
           (2, 33, 96, 5, 64), (4, 100, 264, 1000, 128)]
-
-
-def device(x):
-    import cupy
-    return cupy.asarray(x.view(UINT[x.itemsize])).view(x.dtype)
-
-
-def host(a):
-    import cupy
-    return cupy.asnumpy(a.view(UINT[a.itemsize])).view(a.dtype).astype(np.float64)
-
-
-def host_bits(a):
-    import cupy
-    return cupy.asnumpy(a.view(UINT[a.itemsize]))
-
-
-def poisoned(shape, dtype):
-    import cupy
-    dt = DTYPES[dtype]
-    return cupy.full(shape, NAN_BITS[dt.itemsize], dtype=UINT[dt.itemsize]).view(dt)
 
 
 def randn(rng, shape, dtype, scale=1.0):

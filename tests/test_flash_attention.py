@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from llmc import reference
+from tests.gpu_arrays import UINT, device, host, poison
 from tests.tolerances import assert_close
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -23,27 +24,6 @@ NH = 12
 # (B, T): T=1, T below / at / not a multiple of the 64-row tiles, the GPT-2 length
 SHAPES = [(2, 1), (3, 17), (2, 64), (8, 100), (2, 1024)]
 REL = 1e-2  # norm-wise relative error allowed for bf16 outputs
-
-
-def poison(arr):
-    """Fill a device array with NaN bit patterns (so an unwritten element fails the test)."""
-    bits = {2: (np.uint16, 0x7FC0), 4: (np.uint32, 0x7FC00000)}[arr.itemsize]
-    arr.view(bits[0]).fill(bits[1])
-    return arr
-
-
-def device(x):
-    """Host bf16/f32 array -> device array of the same dtype (moved as raw bits)."""
-    import cupy
-    u = {2: np.uint16, 4: np.uint32}[x.itemsize]
-    return cupy.asarray(x.view(u)).view(x.dtype)
-
-
-def host(arr):
-    """Device bf16/f32 array -> float64 NumPy array."""
-    import cupy
-    u = {2: np.uint16, 4: np.uint32}[arr.itemsize]
-    return cupy.asnumpy(arr.view(u)).view(arr.dtype).astype(np.float64)
 
 
 def make_inputs(B, T, seed):
@@ -118,8 +98,8 @@ def test_bitwise_deterministic():
     first = run(qkv_h, dout_h)
     second = run(qkv_h, dout_h)
     for name, a, b in zip(("out", "lse", "dqkv"), first, second):
-        u = {2: np.uint16, 4: np.uint32}[a.itemsize]
-        assert bool(cupy.array_equal(a.view(u), b.view(u))), f"{name}: differs between two runs"
+        assert bool(cupy.array_equal(a.view(UINT[a.itemsize]), b.view(UINT[b.itemsize]))), \
+            f"{name}: differs between two runs"
 
 
 @pytest.mark.gpu

@@ -7,33 +7,14 @@ backward (dinp aliasing dout) and argument validation.
 
 Run: pytest tests/test_gelu.py        (the gpu tests skip without a CUDA device)
 """
-import ml_dtypes
 import numpy as np
 import pytest
 
 from llmc import reference
+from tests.gpu_arrays import DTYPES, device, host, poisoned
 from tests.tolerances import assert_close
 
-DTYPES = {"fp32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16)}
-UINT = {2: np.uint16, 4: np.uint32}
-NAN_BITS = {2: 0x7FC0, 4: 0x7FC00000}
 SHAPES = [(4, 1024, 3072), (1, 1, 3072), (3, 5, 7), (1, 1, 1), (2, 3, 1001)]
-
-
-def device(x):
-    import cupy
-    return cupy.asarray(x.view(UINT[x.itemsize])).view(x.dtype)
-
-
-def host(a):
-    import cupy
-    return cupy.asnumpy(a.view(UINT[a.itemsize])).view(a.dtype).astype(np.float64)
-
-
-def poisoned(shape, dtype):
-    import cupy
-    dt = DTYPES[dtype]
-    return cupy.full(shape, NAN_BITS[dt.itemsize], dtype=UINT[dt.itemsize]).view(dt)
 
 
 def make(shape, dtype, seed, scale=2.0):

@@ -21,6 +21,7 @@ import pytest
 
 from llmc.config import ModelConfig, TrainConfig, model_config
 from llmc.params import init_params
+from tests.gpu_arrays import UINT
 
 pytestmark = pytest.mark.gpu
 
@@ -55,7 +56,7 @@ def make(dtype="bf16", attention="auto", recompute=0, b=B, seed=0, chunks=1):
 def bits(arr):
     from llmc.gpu_model import to_host
     host = to_host(arr)
-    return host.view({2: np.uint16, 4: np.uint32}[host.itemsize])
+    return host.view(UINT[host.itemsize])
 
 
 def train(method, steps=20):

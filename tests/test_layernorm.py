@@ -10,40 +10,16 @@ bitwise deterministic run to run (also at B=64).
 
 Run: pytest tests/test_layernorm.py        (the gpu tests skip without a CUDA device)
 """
-import ml_dtypes
 import numpy as np
 import pytest
 
 from llmc import reference
+from tests.gpu_arrays import DTYPES, UINT, device, host, host_bits, poisoned
 from tests.tolerances import assert_close
 
-DTYPES = {"fp32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16)}
-UINT = {2: np.uint16, 4: np.uint32}
-NAN_BITS = {2: 0x7FC0, 4: 0x7FC00000}
 # row shapes (..., C)
 SHAPES = [(8, 1024, 768), (1, 768), (1, 96), (37, 40), (3, 5, 264), (6, 1600)]
 IDS = ["x".join(map(str, s)) for s in SHAPES]
-
-
-def device(x):
-    import cupy
-    return cupy.asarray(x.view(UINT[x.itemsize])).view(x.dtype)
-
-
-def host(a):
-    import cupy
-    return cupy.asnumpy(a.view(UINT[a.itemsize])).view(a.dtype).astype(np.float64)
-
-
-def host_bits(a):
-    import cupy
-    return cupy.asnumpy(a.view(UINT[a.itemsize]))
-
-
-def poisoned(shape, dtype):
-    import cupy
-    dt = np.dtype(np.float32) if dtype == "f32" else DTYPES[dtype]
-    return cupy.full(shape, NAN_BITS[dt.itemsize], dtype=UINT[dt.itemsize]).view(dt)
 
 
 def randn(rng, shape, dtype, scale=1.0, shift=0.0):
@@ -67,7 +43,7 @@ def test_forward(shape, dtype):
     x, x64 = randn(rng, shape, dtype, 2.0, 0.5)  # a non-zero mean
     w, w64, b, b64 = params(rng, C, dtype)
     out = poisoned(shape, dtype)
-    mean, rstd = poisoned(shape[:-1], "f32"), poisoned(shape[:-1], "f32")
+    mean, rstd = poisoned(shape[:-1], np.float32), poisoned(shape[:-1], np.float32)
     layernorm_forward(out, mean, rstd, device(x), device(w), device(b))
     ref_out, ref_mean, ref_rstd = reference.layernorm_forward(x64, w64, b64)
     assert_close(host(out), ref_out, dtype, "out")
@@ -88,7 +64,7 @@ def test_fused_residual_forward(shape, dtype):
     w, w64, b, b64 = params(rng, C, dtype)
     resid_ref = (a.astype(np.float32) + b_.astype(np.float32)).astype(DTYPES[dtype])
     residual, out = poisoned(shape, dtype), poisoned(shape, dtype)
-    mean, rstd = poisoned(shape[:-1], "f32"), poisoned(shape[:-1], "f32")
+    mean, rstd = poisoned(shape[:-1], np.float32), poisoned(shape[:-1], np.float32)
     fused_residual_layernorm_forward(residual, out, mean, rstd, device(a), device(b_),
                                      device(w), device(b))
     assert np.array_equal(host_bits(residual), resid_ref.view(UINT[resid_ref.itemsize])), \

@@ -16,41 +16,17 @@ OC not a multiple of a block's columns. Argument validation.
 
 Run: pytest tests/test_matmul.py        (the gpu tests skip without a CUDA device)
 """
-import ml_dtypes
 import numpy as np
 import pytest
 
 from llmc import reference
+from tests.gpu_arrays import DTYPES, device, host, host_bits, poisoned
 from tests.tolerances import assert_close
 
-DTYPES = {"fp32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16)}
-UINT = {2: np.uint16, 4: np.uint32}
-NAN_BITS = {2: 0x7FC0, 4: 0x7FC00000}
 # (N rows, C in, OC out)
 SHAPES = [(4096, 768, 2304), (4096, 768, 3072), (4096, 3072, 768), (1, 768, 768), (37, 96, 40),
           (5, 96, 8)]
 IDS = ["N%dC%dOC%d" % s for s in SHAPES]
-
-
-def device(x):
-    import cupy
-    return cupy.asarray(x.view(UINT[x.itemsize])).view(x.dtype)
-
-
-def host(a):
-    import cupy
-    return cupy.asnumpy(a.view(UINT[a.itemsize])).view(a.dtype).astype(np.float64)
-
-
-def host_bits(a):
-    import cupy
-    return cupy.asnumpy(a.view(UINT[a.itemsize]))
-
-
-def poisoned(shape, dtype):
-    import cupy
-    dt = DTYPES[dtype]
-    return cupy.full(shape, NAN_BITS[dt.itemsize], dtype=UINT[dt.itemsize]).view(dt)
 
 
 def randn(rng, shape, dtype, scale=1.0):
