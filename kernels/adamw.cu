@@ -52,10 +52,24 @@ extern "C" __global__ void norm_squared_final(float* out, const float* partial, 
     if (threadIdx.x == 0) out[0] = total;
 }
 
-__device__ __forceinline__ bool decayed(long long gi, const long long* ranges, int n_ranges) {
-    for (int r = 0; r < n_ranges; r++)
-        if (gi >= ranges[2 * r] && gi < ranges[2 * r + 1]) return true;
-    return false;
+// The decayed ranges are sorted and disjoint (ops/adamw.decay_table). first_range_ending_after
+// finds by bisection the first range whose stop lies past gi; decayed_at then walks that cursor
+// forward as gi grows, so a pack of elements costs one search plus O(1) per element instead of a
+// scan of every range per element.
+__device__ __forceinline__ int first_range_ending_after(long long gi, const long long* ranges,
+                                                        int n_ranges) {
+    int lo = 0, hi = n_ranges;
+    while (lo < hi) {
+        const int mid = (lo + hi) >> 1;
+        if (ranges[2 * mid + 1] <= gi) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+__device__ __forceinline__ bool decayed_at(long long gi, const long long* ranges, int n_ranges,
+                                           int& r) {
+    while (r < n_ranges && ranges[2 * r + 1] <= gi) r++;
+    return r < n_ranges && gi >= ranges[2 * r];
 }
 
 // The AdamW update of one element: returns the new master value; m and v updated in place.
@@ -70,7 +84,7 @@ __device__ __forceinline__ float adamw_element(float p, float g, float& m, float
 
 // One thread per 128-bit pack of params (8 bf16 / 4 fp32 elements); the pack that runs past n
 // takes a scalar path. `ranges` is (n_ranges, 2) int64 [start, stop) of the decayed tensors
-// in global element indices. seed and step give the rounding bits their stream.
+// in global element indices, sorted and disjoint. seed and step give the rounding bits their stream.
 extern "C" __global__ void adamw_update(floatX* params, float* master, const floatX* grads,
                                         float* m, float* v, const float* norm_sq,
                                         const long long* ranges, int n_ranges, long long n,
@@ -86,10 +100,12 @@ extern "C" __global__ void adamw_update(floatX* params, float* master, const flo
     const unsigned int stream_seed = hash_u32((unsigned int)step, seed);
     float* p32 = master != nullptr ? master : reinterpret_cast<float*>(params);
 
+    int r = first_range_ending_after(offset + i0, ranges, n_ranges);
+
     if (i0 + x128::size > n) {  // the last, partial pack: element by element
         for (long long i = i0; i < n; i++) {
             const long long gi = offset + i;
-            const float wd = decayed(gi, ranges, n_ranges) ? weight_decay : 0.0f;
+            const float wd = decayed_at(gi, ranges, n_ranges, r) ? weight_decay : 0.0f;
             float mi = m[i], vi = v[i];
             const float p = adamw_element(p32[i], clip * to_float(grads[i]), mi, vi, lr, beta1,
                                           beta2, bc1, bc2, eps, wd);
@@ -109,7 +125,7 @@ extern "C" __global__ void adamw_update(floatX* params, float* master, const flo
         #pragma unroll
         for (int k = 0; k < f128::size; k++) {
             const long long gi = offset + i0 + q + k;
-            const float wd = decayed(gi, ranges, n_ranges) ? weight_decay : 0.0f;
+            const float wd = decayed_at(gi, ranges, n_ranges, r) ? weight_decay : 0.0f;
             pp[k] = adamw_element(pp[k], clip * to_float(g[q + k]), mm[k], vv[k], lr, beta1,
                                   beta2, bc1, bc2, eps, wd);
             store_rounded(&out[q + k], pp[k], hash_u32((unsigned int)gi, stream_seed));

@@ -153,6 +153,40 @@ def test_weight_decay_only_on_decayed_ranges():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_weight_decay_on_awkward_ranges(dtype):
+    """Ranges shorter than a pack, several inside one pack, given out of order, one at the
+    very end: decay lands exactly on them (zero gradients: the update is the decay alone)."""
+    n = 211
+    ranges = [(150, 211, True), (1, 2, True), (3, 5, True), (5, 6, True), (7, 19, True),
+              (19, 40, False), (40, 41, True), (100, 149, True)]
+    decay = np.zeros(n, dtype=bool)
+    for a, b, d in ranges:
+        decay[a:b] = d
+    master, grads, m, v = make_state(n, dtype, seed=5)
+    grads[:] = 0
+    m[:] = 0
+    v[:] = 0
+    _, d_master, _, _, _ = run_update(master, grads, m, v, dtype, step=2, grad_clip=0.0, seed=0,
+                                      ranges=ranges)
+    got = d_master.get()
+    assert np.array_equal(got[~decay], master[~decay]), \
+        f"undecayed elements moved: {np.flatnonzero(got[~decay] != master[~decay])}"
+    shrink = master[decay].astype(np.float64) * (1 - HP["lr"] * HP["weight_decay"])
+    assert_close(got[decay], shrink, "fp32", "decayed elements")
+
+
+def test_decay_table_rejects_bad_ranges():
+    from llmc.ops.adamw import decay_table
+    with pytest.raises(ValueError, match="overlap"):
+        decay_table([(0, 10, True), (5, 20, True)])
+    with pytest.raises(ValueError, match="start < stop"):
+        decay_table([(10, 10, True)])
+    with pytest.raises(ValueError, match="start < stop"):
+        decay_table([(-1, 4, True)])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_zero_shards_equal_unsharded(dtype):
     import cupy
     from llmc.ops.adamw import adamw_update, decay_table

@@ -59,11 +59,19 @@ def global_norm_squared(out, grads, scratch):
 def decay_table(ranges):
     """Device int64 (R, 2) table of the decayed [start, stop) ranges of params.decay_ranges(mc).
 
-    ranges: [(start, stop, decay)]; only decay=True entries are kept. Build it once, outside
+    ranges: [(start, stop, decay)]; only decay=True entries are kept, sorted by start (the
+    kernel bisects them); empty or overlapping ones are a ValueError. Build it once, outside
     the training step (it allocates).
     """
+    rows = sorted((int(a), int(b)) for a, b, d in ranges if d)
+    for (a0, b0), (a1, b1) in zip(rows, rows[1:] + [(None, None)]):
+        if not 0 <= a0 < b0:
+            raise ValueError(f"ranges: a decayed range must be [start, stop) with 0 <= start < "
+                             f"stop, got ({a0}, {b0})")
+        if a1 is not None and a1 < b0:
+            raise ValueError(f"ranges: decayed ranges must not overlap, got ({a0}, {b0}) and "
+                             f"({a1}, {b1})")
     import cupy
-    rows = [(int(a), int(b)) for a, b, d in ranges if d]
     table = np.array(rows, dtype=np.int64).reshape(-1, 2)
     return cupy.asarray(table)
 
