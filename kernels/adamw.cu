@@ -116,23 +116,36 @@ extern "C" __global__ void adamw_update(floatX* params, float* master, const flo
         }
         return;
     }
+    // Every load of the pack is issued before any store, so a thread keeps all of its bytes in
+    // flight at once (the stores could alias the loads, which would otherwise serialise them).
     // Parameters are read and written once per step: streaming hints keep them out of L2's way.
+    constexpr int Q = x128::size / f128::size;  // fp32 quads per pack: 2 for bf16, 1 for fp32
     const x128 g = load128cs(grads + i0);
+    f128 pp[Q], mm[Q], vv[Q];
+    #pragma unroll
+    for (int q = 0; q < Q; q++) {
+        pp[q] = load128cs(p32 + i0 + q * f128::size);
+        mm[q] = load128cs(m + i0 + q * f128::size);
+        vv[q] = load128cs(v + i0 + q * f128::size);
+    }
     x128 out;
     #pragma unroll
-    for (int q = 0; q < x128::size; q += f128::size) {
-        f128 pp = load128cs(p32 + i0 + q), mm = load128cs(m + i0 + q), vv = load128cs(v + i0 + q);
+    for (int q = 0; q < Q; q++) {
         #pragma unroll
         for (int k = 0; k < f128::size; k++) {
-            const long long gi = offset + i0 + q + k;
+            const int e = q * f128::size + k;
+            const long long gi = offset + i0 + e;
             const float wd = decayed_at(gi, ranges, n_ranges, r) ? weight_decay : 0.0f;
-            pp[k] = adamw_element(pp[k], clip * to_float(g[q + k]), mm[k], vv[k], lr, beta1,
-                                  beta2, bc1, bc2, eps, wd);
-            store_rounded(&out[q + k], pp[k], hash_u32((unsigned int)gi, stream_seed));
+            pp[q][k] = adamw_element(pp[q][k], clip * to_float(g[e]), mm[q][k], vv[q][k], lr,
+                                     beta1, beta2, bc1, bc2, eps, wd);
+            store_rounded(&out[e], pp[q][k], hash_u32((unsigned int)gi, stream_seed));
         }
-        if (master != nullptr) store128cs(master + i0 + q, pp);
-        store128cs(m + i0 + q, mm);
-        store128cs(v + i0 + q, vv);
+    }
+    #pragma unroll
+    for (int q = 0; q < Q; q++) {
+        if (master != nullptr) store128cs(master + i0 + q * f128::size, pp[q]);
+        store128cs(m + i0 + q * f128::size, mm[q]);
+        store128cs(v + i0 + q * f128::size, vv[q]);
     }
     store128(params + i0, out);
 }
