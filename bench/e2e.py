@@ -94,6 +94,24 @@ def random_batches(mc, B, T, n, seed):
              rng.integers(0, mc.vocab_size, (B, T)).astype(np.int32)) for _ in range(n)]
 
 
+def timed_run(name, runner, args, mc, setup: str) -> dict:
+    """args.warmup untimed steps, then args.steps timed ones; the summary of the timed ones."""
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        runner.step()
+    print(f"{name.split()[0]}: warm-up {args.warmup} steps {time.perf_counter() - t0:.1f}s "
+          f"({setup})", flush=True)
+    losses = []
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        losses.append(runner.step())
+    seconds = time.perf_counter() - t0
+    tokens = args.steps * args.grad_accum * args.batch_size * args.seq_len
+    out = summarize(name, tokens, seconds, mc, args.seq_len, losses, runner.memory())
+    out["ms_per_step"] = 1e3 * seconds / args.steps
+    return out
+
+
 def summarize(name, tokens, seconds, mc, T, losses, memory):
     tps = tokens / seconds
     return {"name": name, "tokens_per_s": tps, "ms_per_step": None,
@@ -156,20 +174,9 @@ class LlmcRunner:
 def run_llmc(args, mc):
     r = LlmcRunner(mc, args.batch_size, args.seq_len, args.grad_accum, args.recompute,
                    args.attention, args.seed, args.classifier_chunks)
-    t0 = time.perf_counter()
-    for _ in range(args.warmup):
-        r.step()
-    print(f"llmc: warm-up {args.warmup} steps {time.perf_counter() - t0:.1f}s "
-          f"(attention {r.model.attention}, recompute {args.recompute}, classifier chunks "
-          f"{args.classifier_chunks})", flush=True)
-    losses = []
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        losses.append(r.step())
-    seconds = time.perf_counter() - t0
-    tokens = args.steps * args.grad_accum * args.batch_size * args.seq_len
-    out = summarize("llmc", tokens, seconds, mc, args.seq_len, losses, r.memory())
-    out["ms_per_step"] = 1e3 * seconds / args.steps
+    out = timed_run("llmc", r, args, mc,
+                    f"attention {r.model.attention}, recompute {args.recompute}, classifier "
+                    f"chunks {args.classifier_chunks}")
     out["attention"] = r.model.attention
     if args.profile:
         out["profile"] = profile_step(r)
@@ -275,20 +282,8 @@ class TorchRunner:
 
 def run_torch(args, mc):
     r = TorchRunner(args, mc)
-    t0 = time.perf_counter()
-    for _ in range(args.warmup):
-        r.step()
-    print(f"torch: warm-up {args.warmup} steps {time.perf_counter() - t0:.1f}s "
-          f"(compile {args.torch_compile}, sdpa {args.torch_sdpa})", flush=True)
-    losses = []
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        losses.append(r.step())
-    seconds = time.perf_counter() - t0
-    tokens = args.steps * args.grad_accum * args.batch_size * args.seq_len
-    out = summarize("torch" + (" compile" if args.torch_compile else " eager"), tokens, seconds,
-                    mc, args.seq_len, losses, r.memory())
-    out["ms_per_step"] = 1e3 * seconds / args.steps
+    out = timed_run("torch" + (" compile" if args.torch_compile else " eager"), r, args, mc,
+                    f"compile {args.torch_compile}, sdpa {args.torch_sdpa}")
     r.close()
     return out
 

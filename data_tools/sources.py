@@ -21,6 +21,7 @@ Each reader is a generator that yields the documents and returns the file's docu
 """
 from __future__ import annotations
 
+import contextlib
 import glob as globlib
 import gzip
 import json
@@ -85,6 +86,18 @@ def _open_text(path: Path):
     return open(path, "r", encoding="utf-8")
 
 
+@contextlib.contextmanager
+def _text_read_errors(path: Path):
+    """Turn a text file's decoding and I/O errors into a SourceError naming the file."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise SourceError(f"{path}: not UTF-8 ({e.reason} at byte {e.start}); "
+                          "convert the file to UTF-8") from None
+    except (OSError, EOFError) as e:
+        raise SourceError(f"{path}: cannot be read ({e}); check the file") from None
+
+
 def parquet_documents(path: Path, skip: int = 0, batch_size: int = 1024) -> Iterator[str]:
     """The `text` column of a parquet file, from row `skip` on (whole row groups are skipped)."""
     try:
@@ -127,29 +140,23 @@ def parquet_documents(path: Path, skip: int = 0, batch_size: int = 1024) -> Iter
 def jsonl_documents(path: Path, skip: int = 0) -> Iterator[str]:
     """The `text` field of each non-blank line, from document `skip` on."""
     n = 0
-    try:
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                if n < skip:  # validated by the run that recorded this position
-                    n += 1
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SourceError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line "
-                                      "must be one JSON object with a \"text\" string") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise SourceError(f"{path}:{lineno}: no \"text\" string field; each line "
-                                      "must be one JSON object with a \"text\" string")
+    with _text_read_errors(path), _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if n < skip:  # validated by the run that recorded this position
                 n += 1
-                yield obj["text"]
-    except UnicodeDecodeError as e:
-        raise SourceError(f"{path}: not UTF-8 ({e.reason} at byte {e.start}); "
-                          "convert the file to UTF-8") from None
-    except (OSError, EOFError) as e:
-        raise SourceError(f"{path}: cannot be read ({e}); check the file") from None
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SourceError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line "
+                                  "must be one JSON object with a \"text\" string") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise SourceError(f"{path}:{lineno}: no \"text\" string field; each line "
+                                  "must be one JSON object with a \"text\" string")
+            n += 1
+            yield obj["text"]
     return n
 
 
@@ -157,14 +164,8 @@ def txt_documents(path: Path, skip: int = 0) -> Iterator[str]:
     """The whole file as one document (nothing when skip >= 1)."""
     if skip >= 1:
         return 1
-    try:
-        with _open_text(path) as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise SourceError(f"{path}: not UTF-8 ({e.reason} at byte {e.start}); "
-                          "convert the file to UTF-8") from None
-    except (OSError, EOFError) as e:
-        raise SourceError(f"{path}: cannot be read ({e}); check the file") from None
+    with _text_read_errors(path), _open_text(path) as f:
+        text = f.read()
     yield text
     return 1
 

@@ -44,6 +44,14 @@ class ModelConfig:
     def head_size(self) -> int:
         return self.n_embd // self.n_head
 
+    def check_batch(self, B: int, T: int) -> None:
+        """ValueError unless a (B, T) batch fits the model: B, T >= 1 and T <= block_size."""
+        if B < 1 or T < 1:
+            raise ValueError(f"B and T must be >= 1, got B={B}, T={T}")
+        if T > self.block_size:
+            raise ValueError(f"T={T} is above the model's block_size={self.block_size}; "
+                             f"use T <= {self.block_size}")
+
 
 # name -> (n_layer, n_head, n_embd), as llm.c's -e dN presets.
 PRESETS = {

@@ -38,11 +38,7 @@ class CPUModel:
         dtype = np.dtype(dtype)
         if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
             raise ValueError(f"CPUModel dtype must be float32 or float64, got {dtype}")
-        if B < 1 or T < 1:
-            raise ValueError(f"B and T must be >= 1, got B={B}, T={T}")
-        if T > mc.block_size:
-            raise ValueError(f"T={T} is above the model's block_size={mc.block_size}; "
-                             f"use T <= {mc.block_size}")
+        mc.check_batch(B, T)
         self.mc, self.B, self.T, self.dtype = mc, B, T, dtype
         self.params = np.zeros(num_params(mc), dtype=dtype)
         self.grads = np.zeros(num_params(mc), dtype=dtype)

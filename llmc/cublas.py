@@ -77,6 +77,25 @@ def row_stride(name: str, x, rows: int, cols: int) -> int:
     return s_row // item
 
 
+def product_dims(c, a, b, trans_a: bool, trans_b: bool) -> tuple:
+    """(M, N, K) of c (.., M, N) = op(a) (.., M, K) @ op(b) (.., K, N) over the last two
+    dimensions; a ValueError naming a or b when their shapes do not make c."""
+    M, N = c.shape[-2:]
+    Ma, Ka = (a.shape[-1], a.shape[-2]) if trans_a else a.shape[-2:]
+    Kb, Nb = (b.shape[-1], b.shape[-2]) if trans_b else b.shape[-2:]
+    if Ma != M:
+        raise ValueError(f"a: op(a) must have {M} rows (c is {c.shape}), got shape {a.shape} "
+                         f"with trans_a={trans_a}")
+    if Nb != N:
+        raise ValueError(f"b: op(b) must have {N} columns (c is {c.shape}), got shape {b.shape} "
+                         f"with trans_b={trans_b}")
+    if Ka != Kb:
+        raise ValueError(f"b: inner dimensions differ: op(a) is ({M}, {Ka}), op(b) is "
+                         f"({Kb}, {N}) (a {a.shape} trans_a={trans_a}, b {b.shape} "
+                         f"trans_b={trans_b})")
+    return M, N, Ka
+
+
 def _batch_strides(name: str, x, batch_shape: tuple) -> tuple:
     """Element strides of x's batch dims for `batch_shape` (zeros where x is 2-D: broadcast)."""
     if x.ndim == 2:
@@ -138,22 +157,7 @@ def gemm(c, a, b, *, trans_a: bool = False, trans_b: bool = False, alpha: float 
             raise ValueError(f"{name}: expected an array on the current device {dev}, "
                              f"got device {x.device.id}")
 
-    M, N = c.shape[-2:]
-    Ka = a.shape[-2] if trans_a else a.shape[-1]
-    Ma = a.shape[-1] if trans_a else a.shape[-2]
-    Kb = b.shape[-1] if trans_b else b.shape[-2]
-    Nb = b.shape[-2] if trans_b else b.shape[-1]
-    if Ma != M:
-        raise ValueError(f"a: op(a) must have {M} rows (c is {c.shape}), got shape {a.shape} "
-                         f"with trans_a={trans_a}")
-    if Nb != N:
-        raise ValueError(f"b: op(b) must have {N} columns (c is {c.shape}), got shape {b.shape} "
-                         f"with trans_b={trans_b}")
-    if Ka != Kb:
-        raise ValueError(f"b: inner dimensions differ: op(a) is ({M}, {Ka}), op(b) is "
-                         f"({Kb}, {N}) (a {a.shape} trans_a={trans_a}, b {b.shape} "
-                         f"trans_b={trans_b})")
-    K = Ka
+    M, N, K = product_dims(c, a, b, trans_a, trans_b)
     batch_shape = tuple(c.shape[:-2])
 
     ldc = row_stride("c", c, M, N)

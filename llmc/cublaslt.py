@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llmc.cublas import (BF16, CUBLAS_COMPUTE_32F, CUBLAS_OP_N, CUBLAS_OP_T, CUDA_R_16BF,
-                         CUDA_R_32F, F32, row_stride)
+                         CUDA_R_32F, F32, product_dims, row_stride)
 
 WORKSPACE_BYTES = 32 << 20
 
@@ -268,19 +268,7 @@ def matmul(c, a, b, *, trans_a: bool = False, trans_b: bool = False, beta: float
     dev = cupy.cuda.Device().id
     for name, x in (("c", c), ("a", a), ("b", b)):
         _check_matrix(name, x, c.dtype, dev)
-    M, N = c.shape
-    Ma, Ka = (a.shape[1], a.shape[0]) if trans_a else a.shape
-    Kb, Nb = (b.shape[1], b.shape[0]) if trans_b else b.shape
-    if Ma != M:
-        raise ValueError(f"a: op(a) must have {M} rows (c is {c.shape}), got shape {a.shape} "
-                         f"with trans_a={trans_a}")
-    if Nb != N:
-        raise ValueError(f"b: op(b) must have {N} columns (c is {c.shape}), got shape {b.shape} "
-                         f"with trans_b={trans_b}")
-    if Ka != Kb:
-        raise ValueError(f"b: inner dimensions differ: op(a) is ({M}, {Ka}), op(b) is "
-                         f"({Kb}, {N}) (a {a.shape} trans_a={trans_a}, b {b.shape} "
-                         f"trans_b={trans_b})")
+    M, N, Ka = product_dims(c, a, b, trans_a, trans_b)
     if Ka < 1:
         raise ValueError(f"a: the inner dimension K must be >= 1, got shape {a.shape}")
     ldc = row_stride("c", c, M, N)

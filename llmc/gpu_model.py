@@ -63,11 +63,7 @@ class GPUModel:
         import cupy
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-        if B < 1 or T < 1:
-            raise ValueError(f"B and T must be >= 1, got B={B}, T={T}")
-        if T > mc.block_size:
-            raise ValueError(f"T={T} is above the model's block_size={mc.block_size}; "
-                             f"use T <= {mc.block_size}")
+        mc.check_batch(B, T)
         if recompute not in (0, 1):
             raise ValueError(f"recompute must be 0 or 1, got {recompute!r}")
         if not 1 <= classifier_chunks <= B * T:

@@ -411,3 +411,20 @@ def test_validation():
                         small)
     with pytest.raises(ValueError, match="dweight"):
         matmul_backward(cupy.empty_like(x), cupy.zeros((24, 15), f32), None, out, x, w, None)
+
+
+def test_product_dims_shared_by_cublas_and_cublaslt():
+    """The one shape check both product wrappers use: (M, N, K), or a ValueError naming a/b."""
+    from types import SimpleNamespace as A
+    from llmc.cublas import product_dims
+    c = A(shape=(4, 5))
+    assert product_dims(c, A(shape=(4, 8)), A(shape=(8, 5)), False, False) == (4, 5, 8)
+    assert product_dims(c, A(shape=(8, 4)), A(shape=(5, 8)), True, True) == (4, 5, 8)
+    assert product_dims(A(shape=(3, 4, 5)), A(shape=(3, 4, 8)), A(shape=(8, 5)), False,
+                        False) == (4, 5, 8)
+    with pytest.raises(ValueError, match="^a: op\\(a\\) must have 4 rows"):
+        product_dims(c, A(shape=(3, 8)), A(shape=(8, 5)), False, False)
+    with pytest.raises(ValueError, match="^b: op\\(b\\) must have 5 columns"):
+        product_dims(c, A(shape=(4, 8)), A(shape=(8, 6)), False, False)
+    with pytest.raises(ValueError, match="^b: inner dimensions differ"):
+        product_dims(c, A(shape=(4, 8)), A(shape=(7, 5)), False, False)
