@@ -126,6 +126,14 @@ class CPUModel:
         Bc, Tc = inp.shape
         return logits[:, :self.mc.vocab_size].reshape(Bc, Tc, -1).astype(np.float32)
 
+    def token_losses(self, inputs, targets) -> np.ndarray:
+        """float32 (B', T'): the cross-entropy of each target given the inputs up to it."""
+        inp = self._check_tokens("inputs", inputs)
+        tgt = self._check_tokens("targets", targets, inputs.shape)
+        logits, _ = self._forward(inp)
+        losses, _ = ref.crossentropy_forward(logits, tgt.reshape(-1), self.mc.vocab_size)
+        return losses.reshape(inp.shape).astype(np.float32)
+
     def forward_backward(self, inputs, targets, loss_scale: float = 1.0) -> float:
         """Accumulate loss_scale * d(mean loss)/dparams into `.grads`; return the mean loss."""
         inp = self._check_tokens("inputs", inputs)

@@ -123,20 +123,36 @@ def _rows(examples, max_len):
 
 
 def ending_losses(model, rows, batch_rows: int) -> list:
-    """Per row: float64 (n_scored,) cross-entropy of each ending token given what precedes it."""
+    """Per row: (n_scored,) cross-entropy of each ending token given what precedes it.
+
+    Models with `token_losses(inputs, targets) -> (B, T)` (CPUModel, GPUModel) compute the
+    losses where the logits are, so only B*T floats reach the host; others are scored from
+    `logits(inputs) -> (B, T, V)` here, in float64.
+    """
     out = []
+    per_token = getattr(model, "token_losses", None)
     for s in range(0, len(rows), batch_rows):
         chunk = rows[s:s + batch_rows]
         T = max(len(r) for r, _ in chunk)
         inputs = np.full((len(chunk), T), EOT, dtype=np.int32)
+        targets = np.zeros((len(chunk), T), dtype=np.int32)
         for b, (r, _) in enumerate(chunk):
             inputs[b, :len(r)] = r
+            targets[b, :len(r) - 1] = r[1:]  # position p predicts token p + 1
+        if per_token is not None:
+            losses = np.asarray(per_token(inputs, targets))
+            if losses.shape != inputs.shape:
+                raise ValueError(f"model.token_losses returned shape {losses.shape} for inputs "
+                                 f"{inputs.shape}; expected the same shape")
+            for b, (r, start) in enumerate(chunk):
+                out.append(losses[b, start - 1:len(r) - 1].astype(np.float64))
+            continue
         logits = np.asarray(model.logits(inputs))
         if logits.ndim != 3 or logits.shape[:2] != inputs.shape or logits.shape[2] < VOCAB_SIZE:
             raise ValueError(f"model.logits returned shape {logits.shape} for inputs "
                              f"{inputs.shape}; expected (B, T, V >= {VOCAB_SIZE})")
         for b, (r, start) in enumerate(chunk):
-            pos = np.arange(start - 1, len(r) - 1)  # position p predicts token p + 1
+            pos = np.arange(start - 1, len(r) - 1)
             z = logits[b, pos, :VOCAB_SIZE].astype(np.float64)  # (n_scored, V)
             zmax = z.max(axis=1)
             lse = zmax + np.log(np.exp(z - zmax[:, None]).sum(axis=1))
@@ -162,3 +178,71 @@ def hellaswag_eval(model, path, limit=None) -> dict:
         correct_norm += int(np.argmin(mean) == label)
     n = len(examples)
     return {"acc": correct / n, "acc_norm": correct_norm / n, "n": n}
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m llmc.eval
+
+def _eval_model(model_file, device: str, dtype: str, batch_rows: int, T: int):
+    """A CPUModel or GPUModel of the file's weights, sized for (batch_rows, T) rows."""
+    mc = model_file.config
+    if device == "cpu":
+        from llmc.cpu_model import CPUModel
+        model = CPUModel(mc, batch_rows, T)
+    else:
+        from llmc.gpu_model import GPUModel
+        model = GPUModel(mc, batch_rows, T, dtype=dtype)
+    model.load_params(model_file.params)
+    return model
+
+
+def main(argv=None) -> int:
+    """`python -m llmc.eval --model PATH --hellaswag FILE [--limit N]`: acc and acc_norm."""
+    import argparse
+    import sys
+    import time
+    ap = argparse.ArgumentParser(
+        prog="python -m llmc.eval",
+        description="HellaSwag accuracy (completion-style: acc = lowest summed loss of the "
+                    "ending, acc_norm = lowest mean loss) of any GPT-2 model: an llmc checkpoint, "
+                    "a Hugging Face GPT-2 directory or model id, or an llm.c .bin file.")
+    ap.add_argument("--model", required=True, help="model path or Hugging Face model id")
+    ap.add_argument("--hellaswag", required=True,
+                    help="eval file from python -m data_tools.hellaswag")
+    ap.add_argument("--limit", type=int, default=None, help="score only the first N examples")
+    ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
+                    help="compute dtype on cuda (the CPU is fp32)")
+    ap.add_argument("--batch-size", type=int, default=64, help="rows (endings) per forward pass")
+    args = ap.parse_args(argv)
+    try:
+        from llmc.formats import load_model
+        from llmc.train import pick_device
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        device = pick_device(args.device)
+        examples = load_examples(args.hellaswag)
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit must be a positive number of examples, got {args.limit}")
+        model_file = load_model(args.model)
+        mc = model_file.config
+        n = len(examples) if args.limit is None else min(args.limit, len(examples))
+        T = max(len(r) for r, _ in _rows(examples[:n], mc.block_size))
+        t0 = time.perf_counter()
+        model = _eval_model(model_file, device, args.dtype if device == "cuda" else "fp32",
+                            min(args.batch_size, 4 * n), T)
+        result = hellaswag_eval(model, args.hellaswag, limit=args.limit)
+        seconds = time.perf_counter() - t0
+    except (ValueError, OSError) as e:
+        if os.environ.get("LLMC_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"hellaswag {args.hellaswag}: acc {result['acc']:.4f} acc_norm {result['acc_norm']:.4f} "
+          f"({result['n']} examples, {model_file.format} model {args.model} on {device}, "
+          f"{seconds:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -142,6 +142,22 @@ class GPUModel:
         cupy.mean(a.losses, out=self._eval_loss)
         return self._eval_loss
 
+    def token_losses(self, inputs, targets) -> np.ndarray:
+        """float32 (B', T') host losses of each target, B' <= B, T' <= T (padded like logits)."""
+        x, y = np.asarray(inputs), np.asarray(targets)
+        if x.ndim != 2 or x.shape != y.shape or not (1 <= x.shape[0] <= self.B
+                                                      and 1 <= x.shape[1] <= self.T):
+            raise ValueError(f"inputs and targets must share a shape (B', T') with 1 <= B' <= "
+                             f"{self.B} and 1 <= T' <= {self.T}, got {x.shape} and {y.shape}")
+        Bc, Tc = x.shape
+        padded = np.zeros((2, self.B, self.T), dtype=np.int32)
+        padded[0, :Bc, :Tc] = _check_host_tokens("inputs", x, self.mc.vocab_size)
+        padded[1, :Bc, :Tc] = _check_host_tokens("targets", y, self.mc.vocab_size)
+        self.forward(padded[0], padded[1])
+        import cupy
+        losses = cupy.asnumpy(self.acts.losses).reshape(self.B, self.T)
+        return losses[:Bc, :Tc]
+
     def logits(self, inputs) -> np.ndarray:
         """float32 (B', T', V) host logits for int tokens (B', T'), B' <= B, T' <= T.
 

@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 
 FAMILIES = ("encoder", "layernorm", "matmul", "attention", "flash_attention", "flash_attention_bwd",
-            "gelu", "classifier",
-            "adamw")
+            "gelu", "classifier", "adamw", "decode", "sampling")
 DTYPES = ("bf16", "fp32")
 CHECK_ARCHS = ("sm_80", "sm_90a")
 BASE_OPTIONS = ("-std=c++17",)

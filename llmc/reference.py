@@ -137,6 +137,25 @@ def attention_forward(qkv, n_head):
     return out, att
 
 
+def attention_cached(q, kcache, vcache, pos):
+    """Attention of new queries over a KV cache, as generation runs it.
+
+    q (B, R, C): query r of sequence b sits at position pos[b] + r and attends to the cached keys
+    0 .. pos[b] + r of kcache/vcache (B, NH, S, HS). Returns out (B, R, C).
+    """
+    B, R, C = q.shape
+    _, NH, S, HS = kcache.shape
+    qh = q.reshape(B, R, NH, HS).transpose(0, 2, 1, 3)  # (B, NH, R, HS)
+    scores = (qh @ kcache.transpose(0, 1, 3, 2)) / math.sqrt(HS)  # (B, NH, R, S)
+    last = np.asarray(pos)[:, None] + np.arange(R)[None, :]  # (B, R): each query's position
+    future = np.arange(S)[None, None, :] > last[:, :, None]  # (B, R, S)
+    scores = np.where(future[:, None], -np.inf, scores)
+    scores -= scores.max(axis=-1, keepdims=True)
+    att = np.exp(scores)
+    att /= att.sum(axis=-1, keepdims=True)
+    return (att @ vcache).transpose(0, 2, 1, 3).reshape(B, R, C)  # (B, R, C)
+
+
 def attention_backward(dout, qkv, att, n_head):
     """dout (B, T, C), qkv (B, T, 3C), att (B, NH, T, T) -> dqkv (B, T, 3C)."""
     _check_qkv(qkv, n_head)
@@ -200,3 +219,37 @@ def crossentropy_backward(probs, targets, dlosses):
     dlogits[np.arange(N), targets] -= 1.0
     dlogits *= dlosses[:, None].astype(probs.dtype, copy=False)
     return dlogits
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling the next token
+
+def sampling_probs(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """The distribution generation draws the next token from: float64 (V,) for logits (V,).
+
+    temperature 0: all mass on the argmax (lowest id among ties). Else softmax(logits / T) over
+    the tokens kept by top-k (z >= the k-th largest z, ties kept; 0 keeps all) and then top-p
+    (a token is kept when the kept mass strictly above it is below top_p of the total; 1 keeps
+    all), renormalized. The GPU kernel (kernels/sampling.cu) draws from exactly this support.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    out = np.zeros_like(z)
+    if temperature <= 0:
+        out[int(np.argmax(z))] = 1.0
+        return out
+    z = z / temperature
+    keep = np.ones(z.shape, dtype=bool)
+    if 0 < top_k < z.size:
+        keep &= z >= np.sort(z)[-top_k]
+    w = np.where(keep, np.exp(z - z.max()), 0.0)
+    if top_p < 1.0:
+        order = np.argsort(-z, kind="stable")
+        zs, ws = z[order], w[order]
+        # mass strictly above each token: the total of every kept token with a larger z
+        uniq, first = np.unique(-zs, return_index=True)
+        above_by_value = np.concatenate([[0.0], np.cumsum(ws)])[first]
+        above = np.empty_like(z)
+        above[order] = above_by_value[np.searchsorted(uniq, -zs)]
+        keep &= above < top_p * w.sum()
+        w = np.where(keep, w, 0.0)
+    return w / w.sum()

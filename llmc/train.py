@@ -84,7 +84,8 @@ def _init_distributed(device: str):
     return init_distributed()
 
 
-def _pick_device(requested: str) -> str:
+def pick_device(requested: str) -> str:
+    """'auto' -> 'cuda' when a GPU is usable, else 'cpu'; 'cuda' without one is a ConfigError."""
     if requested == "auto":
         return "cuda" if cuda_available() else "cpu"
     if requested == "cuda" and not cuda_available():
@@ -95,7 +96,7 @@ def _pick_device(requested: str) -> str:
 
 def run(cfg: TrainConfig) -> dict:
     """Train as configured; returns a summary (final losses, steps, sample)."""
-    device = _pick_device(cfg.device)
+    device = pick_device(cfg.device)
     dist = _init_distributed(device)
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     cfg = resolve(cfg, device, world)

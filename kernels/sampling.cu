@@ -1,0 +1,178 @@
+// Choosing the next token on the GPU, so the host receives token ids, never logits.
+//
+//   greedy (temperature == 0): tok = argmax_v logits[b, v]        (the lowest id among ties)
+//   else: z_v = logits[b, v] / temperature, over v < V;
+//         top-k keeps z_v >= the k-th largest z (ties kept, as torch.topk's threshold);
+//         top-p keeps the fewest largest z whose probability mass reaches top_p of what top-k
+//         kept (the smallest key tau with mass(z >= tau) >= top_p * mass: a token is kept when
+//         the mass strictly above it is still short of top_p);
+//         tok ~ softmax over the kept z.
+// Then ids[b, pos[b] + 1] = tok and pos[b] += 1.   logits (B, ld) floatX; ids (B, S) int32.
+//
+// One block of 1024 threads per row, no sort: both thresholds come from a radix select over
+// the order-preserving 32-bit keys of z (four passes of 8 bits with shared-memory histograms),
+// counting tokens for top-k and summing probability for top-p. Probabilities are fixed point,
+// w_v = round(2^32 * 2^((z_v - max z) * log2 e)) in 64-bit integers, so every sum is exact and
+// the choice is deterministic; a token more than 22 nats below the best (w = 0) is never drawn.
+// The draw walks the kept weights in a fixed order (thread by thread, each over its own
+// strided ids) to the point u * total, u uniform in [0, 1) from a hash of (seed, b, pos[b]):
+// a fixed seed gives the same text every run, with no RNG state in memory.
+#include "common.cuh"
+
+#define SAMPLE_THREADS 1024
+typedef unsigned long long u64;
+
+__device__ __forceinline__ unsigned order_key(float x) {
+    const unsigned u = __float_as_uint(x);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__device__ __forceinline__ u64 block_sum_u64(u64 v, u64* scratch) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < SAMPLE_THREADS / 32 ? scratch[lane] : 0ull;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// The largest key tau with weight(keys >= tau) >= target, among tokens with key >= floor_key;
+// weight = 1 per token (count) or its fixed-point probability.
+__device__ unsigned radix_select(const floatX* row, int V, float zscale, float zmax, bool count,
+                                 unsigned floor_key, u64 target, u64* hist, unsigned* shared_sel,
+                                 u64* shared_rem) {
+    unsigned prefix = 0, mask = 0;
+    if (threadIdx.x == 0) *shared_rem = target;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += SAMPLE_THREADS) hist[i] = 0ull;
+        __syncthreads();
+        for (int v = threadIdx.x; v < V; v += SAMPLE_THREADS) {
+            const float z = to_float(row[v]) * zscale;
+            const unsigned key = order_key(z);
+            if (key < floor_key || (key & mask) != prefix) continue;
+            const u64 w = count ? 1ull : (u64)llrintf(exp2f(z - zmax) * 4294967296.0f);
+            if (w) atomicAdd(&hist[(key >> shift) & 255u], w);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            u64 above = 0, rem = *shared_rem;
+            int sel = 0;
+            for (int d = 255; d >= 0; d--) {
+                if (above + hist[d] >= rem) { sel = d; break; }
+                above += hist[d];
+            }
+            *shared_rem = rem - above;
+            *shared_sel = (unsigned)sel;
+        }
+        __syncthreads();
+        prefix |= *shared_sel << shift;
+        mask |= 255u << shift;
+    }
+    return prefix;
+}
+
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+sample_rows(int* __restrict__ ids, int* __restrict__ pos, const floatX* __restrict__ logits,
+            int ld, int V, int S, float temperature, int top_k, float top_p, unsigned seed) {
+    __shared__ u64 hist[256];
+    __shared__ u64 red[32];
+    __shared__ float fred[32];
+    __shared__ unsigned sel;
+    __shared__ u64 rem;
+    __shared__ int pick;
+    const int b = blockIdx.x;
+    const floatX* row = logits + (long long)b * ld;
+    const int p = pos[b];
+
+    if (temperature <= 0.0f) {  // greedy: (value, id) maxima, lowest id among equal values
+        float best = NEG_INF;
+        int arg = 0x7fffffff;
+        for (int v = threadIdx.x; v < V; v += SAMPLE_THREADS) {
+            const float z = to_float(row[v]);
+            if (z > best) { best = z; arg = v; }
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+            const int oa = __shfl_xor_sync(0xffffffffu, arg, o);
+            if (ob > best || (ob == best && oa < arg)) { best = ob; arg = oa; }
+        }
+        const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+        if (lane == 0) { fred[warp] = best; reinterpret_cast<int*>(red)[warp] = arg; }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float bb = fred[0];
+            int ba = reinterpret_cast<int*>(red)[0];
+            for (int w = 1; w < SAMPLE_THREADS / 32; w++) {
+                const float ob = fred[w];
+                const int oa = reinterpret_cast<int*>(red)[w];
+                if (ob > bb || (ob == bb && oa < ba)) { bb = ob; ba = oa; }
+            }
+            ids[(long long)b * S + p + 1] = ba;
+            pos[b] = p + 1;
+        }
+        return;
+    }
+
+    const float zscale = 1.4426950408889634f / temperature;  // z in log2 units
+    float zmax = NEG_INF;
+    for (int v = threadIdx.x; v < V; v += SAMPLE_THREADS) zmax = fmaxf(zmax, to_float(row[v]) * zscale);
+    zmax = block_max(zmax, fred);
+
+    unsigned floor_key = 0;
+    if (top_k > 0 && top_k < V)
+        floor_key = radix_select(row, V, zscale, zmax, true, 0u, (u64)top_k, hist, &sel, &rem);
+    if (top_p < 1.0f) {
+        u64 mass = 0;
+        for (int v = threadIdx.x; v < V; v += SAMPLE_THREADS) {
+            const float z = to_float(row[v]) * zscale;
+            if (order_key(z) >= floor_key) mass += (u64)llrintf(exp2f(z - zmax) * 4294967296.0f);
+        }
+        mass = block_sum_u64(mass, red);
+        const u64 target = (u64)ceil((double)top_p * (double)mass);
+        floor_key = radix_select(row, V, zscale, zmax, false, floor_key, target > 0 ? target : 1ull,
+                                 hist, &sel, &rem);
+    }
+
+    // Kept mass per thread over its ids v = tid, tid + 1024, ...; an exclusive scan over threads.
+    u64 mine = 0;
+    for (int v = threadIdx.x; v < V; v += SAMPLE_THREADS) {
+        const float z = to_float(row[v]) * zscale;
+        if (order_key(z) >= floor_key) mine += (u64)llrintf(exp2f(z - zmax) * 4294967296.0f);
+    }
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    u64 incl = mine;
+    for (int o = 1; o < 32; o <<= 1) {
+        const u64 n = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += n;
+    }
+    __syncthreads();
+    if (lane == 31) red[warp] = incl;
+    if (threadIdx.x == 0) pick = -1;
+    __syncthreads();
+    u64 before = incl - mine, total = 0;
+    for (int w = 0; w < SAMPLE_THREADS / 32; w++) {
+        if (w < warp) before += red[w];
+        total += red[w];
+    }
+    const unsigned h1 = hash_u32((unsigned)p, seed ^ hash_u32((unsigned)b, 0x9E3779B9u));
+    const unsigned h2 = hash_u32((unsigned)p + 0x51ED2701u, h1);
+    const double u = (double)((((u64)h1) << 21) ^ (u64)h2) * (1.0 / 9007199254740992.0);  // [0, 1)
+    u64 target = (u64)(u * (double)total);
+    if (target >= total) target = total - 1;  // total >= 1: the best token always has w = 2^32
+    if (mine > 0 && target >= before && target < before + mine) {
+        u64 c = before;
+        for (int v = threadIdx.x; v < V; v += SAMPLE_THREADS) {
+            const float z = to_float(row[v]) * zscale;
+            if (order_key(z) < floor_key) continue;
+            c += (u64)llrintf(exp2f(z - zmax) * 4294967296.0f);
+            if (c > target) { pick = v; break; }
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        ids[(long long)b * S + p + 1] = pick;
+        pos[b] = p + 1;
+    }
+}
