@@ -147,6 +147,11 @@ def test_hf_and_bin_hold_the_same_model(tmp_path):
 
 
 def test_checkpoint_and_out_dir(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"device": "cpu", "model": "d4"}))  # the run's
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(FormatError) as e:
+        load_model(tmp_path)
+    assert "no complete checkpoint" in one_line(e)
     state = {"model": [L, NH, C, 50304, MAXT]}
     for step, seed in ((5, 1), (10, 2)):
         checkpoint.save(tmp_path, step, params=random_params(seed), optim={}, state=state, keep=5)

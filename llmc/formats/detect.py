@@ -2,9 +2,10 @@
 
 Accepted, tried in this order:
     a directory with state.json + model.npy      an llmc checkpoint (ckpt_*/, llmc.checkpoint)
-    a directory with config.json                 a Hugging Face GPT-2 (llmc.formats.hf)
     a directory holding ckpt_* checkpoints       a training out_dir: the newest complete one
-                                                 (a note on stderr names it)
+                                                 (a note on stderr names it; the config.json
+                                                 there is the run's, not a model's)
+    a directory with config.json                 a Hugging Face GPT-2 (llmc.formats.hf)
     a *.safetensors / config.json file           its Hugging Face directory
     state.json / model.npy                       its checkpoint directory
     a file starting with llm.c's magic, or *.bin an llm.c model file (llmc.formats.llmc_bin)
@@ -43,13 +44,17 @@ def load_model(path_or_id) -> ModelFile:
     if path.is_dir():
         if (path / "state.json").is_file() and (path / "model.npy").is_file():
             return read_checkpoint(path)
-        if hf.is_hf_dir(path):
-            return ModelFile(*hf.read(path), "hf", path)
         ckpts = [c for c in checkpoint.list_checkpoints(path) if (c / "model.npy").is_file()]
-        if ckpts:
+        if ckpts and not (path / hf.WEIGHTS).is_file():  # its config.json is the run's
             print(f"note: {path} is a training directory; reading its newest complete "
                   f"checkpoint, {ckpts[-1].name}", file=sys.stderr)
             return read_checkpoint(ckpts[-1])
+        if (path / "metrics.jsonl").is_file() and not (path / hf.WEIGHTS).is_file():
+            raise FormatError(f"{path}: a training directory with no complete checkpoint "
+                              "(ckpt_*/ with state.json and model.npy); train until one is "
+                              "saved, or give another model")
+        if hf.is_hf_dir(path):
+            return ModelFile(*hf.read(path), "hf", path)
         raise FormatError(f"{path}: no model here (no config.json, no state.json + model.npy, "
                           f"no complete ckpt_* inside); give {_ACCEPTED}")
     if path.suffix == ".safetensors" or path.name == hf.CONFIG:
