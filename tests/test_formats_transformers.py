@@ -26,9 +26,9 @@ MC = ModelConfig(n_layer=L, n_head=NH, n_embd=C, block_size=MAXT)
 B, T = 2, 48
 
 
-def random_hf_model(seed=0, dtype=None):
+def random_hf_model(seed=0, dtype=None, n_embd=C, n_head=NH):
     """GPT2LMHeadModel with every parameter random (LayerNorm weights around 1, the rest noise)."""
-    cfg = transformers.GPT2Config(n_layer=L, n_head=NH, n_embd=C, n_positions=MAXT,
+    cfg = transformers.GPT2Config(n_layer=L, n_head=n_head, n_embd=n_embd, n_positions=MAXT,
                                   vocab_size=50257, attn_implementation="eager")
     torch.manual_seed(seed)
     model = transformers.GPT2LMHeadModel(cfg).eval()
