@@ -125,6 +125,10 @@ class TrainConfig:
     keep_checkpoints: int = field(default=2, metadata=dict(help="how many newest checkpoints to keep"))
     resume: Optional[str] = field(default=None, metadata=dict(
         help="a checkpoint directory to continue from, or 'auto' for the newest in --out-dir"))
+    init_from: Optional[str] = field(default=None, metadata=dict(
+        help="start from this model's weights (fine-tuning): a Hugging Face GPT-2 directory or "
+             "hub id, an llm.c .bin, an llmc checkpoint or out dir; the model shape comes from "
+             "the file, the optimizer starts fresh; a run that --resume continues keeps its own"))
     seed: int = field(default=1337, metadata=dict(help="seed for the weights, the data order and sampling"))
     dtype: str = field(default="bf16", metadata=dict(
         choices=("bf16", "fp32"), help="compute dtype on cuda (the CPU path is always fp32)"))

@@ -7,6 +7,8 @@ Every run writes `<out-dir>/config.json` (the resolved config), `<out-dir>/metri
 JSON object per step: step, loss, lr, grad_norm, ms, tokens_per_s[, mfu]; and {step, val_loss}
 entries) and checkpoints `<out-dir>/ckpt_<step>/` (llmc.checkpoint). `--resume auto` continues
 from the newest; on the CPU the losses after resuming are bitwise those of an uninterrupted run.
+`--init-from MODEL` starts from a model's weights (llmc.formats.load_model: a Hugging Face GPT-2,
+an llm.c .bin, an llmc checkpoint) with a fresh optimizer; the shape comes from the file.
 Under `python -m llmc.launch` each process trains on its GPU; rank 0 prints and writes files.
 
 Bad input (missing data, corrupt shard, impossible batch sizes, a bad checkpoint) ends the run
@@ -14,6 +16,7 @@ with one line on stderr and exit code 2; set LLMC_DEBUG=1 to see the traceback i
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -23,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from llmc import checkpoint
-from llmc.config import ConfigError, TrainConfig, grad_accum_steps, parse_args, resolve
+from llmc.config import ConfigError, TrainConfig, grad_accum_steps, model_config, parse_args, resolve
 from llmc.params import init_params, num_params
 from llmc.trainer import cuda_available, device_name, flops_per_token, make_backend, peak_flops
 
@@ -99,8 +102,14 @@ def run(cfg: TrainConfig) -> dict:
     device = pick_device(cfg.device)
     dist = _init_distributed(device)
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    init = None
+    if cfg.init_from is not None:
+        cfg, init = _init_from(cfg)
     cfg = resolve(cfg, device, world)
-    mc = cfg.model_config()
+    mc = cfg.model_config() if init is None else init.config
+    if init is not None and cfg.seq_len > mc.block_size:
+        raise ConfigError(f"--seq-len {cfg.seq_len} is above the context of {cfg.init_from} "
+                          f"({mc.block_size} tokens); use --seq-len {mc.block_size} or less")
     out_dir = Path(cfg.out_dir)
     log = _Log(rank, world, out_dir)
     accum = grad_accum_steps(cfg, world)
@@ -124,7 +133,8 @@ def run(cfg: TrainConfig) -> dict:
     backend = make_backend(cfg, mc, dist)
     n_params = num_params(mc)
     dev_label = device_name() if device == "cuda" else "cpu"
-    log.info(f"model {cfg.model}: {n_params:,} parameters (L={mc.n_layer}, NH={mc.n_head}, "
+    label = cfg.model if init is None else f"from {cfg.init_from}"
+    log.info(f"model {label}: {n_params:,} parameters (L={mc.n_layer}, NH={mc.n_head}, "
              f"C={mc.n_embd}, Vp={mc.padded_vocab_size}) on {dev_label} x{world}, {cfg.dtype}; "
              f"B={B}, T={T}, grad accum {accum} -> {B * T * world * accum:,} tokens/step")
     if device == "cuda":
@@ -136,7 +146,7 @@ def run(cfg: TrainConfig) -> dict:
     resume = checkpoint.resolve_resume(cfg.resume, out_dir)
     if resume is not None:
         params, optim, state = checkpoint.load(resume, rank, world)
-        _check_same_model(state, cfg, resume)
+        _check_same_model(state, cfg, resume, mc)
         backend.load_params(params)
         extra = {k: optim.pop(k) for k in ("loader_state", "rng_state") if k in optim}
         backend.load_optim_state(optim)
@@ -144,8 +154,14 @@ def run(cfg: TrainConfig) -> dict:
         rng.bit_generator.state = json.loads(str(extra["rng_state"]))
         start_step = state["step"]
         log.info(f"resumed from {resume} at step {start_step}")
+        if init is not None:
+            log.info(f"--init-from {cfg.init_from} not used: the resumed run has its own weights")
+    elif init is not None:
+        backend.load_params(init.params)
+        log.info(f"weights from {init.path} ({init.format}); the optimizer starts fresh")
     else:
         backend.load_params(init_params(mc, cfg.seed))
+    init = None  # the host copy of the file's weights is not needed any more
     log.open_metrics(out_dir / "metrics.jsonl", start_step)
 
     from llmc.optim import lr_at
@@ -215,8 +231,27 @@ def run(cfg: TrainConfig) -> dict:
     return summary
 
 
-def _check_same_model(state: dict, cfg: TrainConfig, path) -> None:
-    mc = cfg.model_config()
+def _init_from(cfg: TrainConfig):
+    """--init-from: read the model; the shape flags take the file's shape (different ones are
+    refused). Returns (cfg with n_layer/n_head/n_embd set, ModelFile)."""
+    from llmc.formats import load_model
+    init = load_model(cfg.init_from)
+    fm = init.config
+    have = (fm.n_layer, fm.n_head, fm.n_embd)
+    if fm.vocab_size != 50257:
+        raise ConfigError(f"--init-from {cfg.init_from}: vocab_size {fm.vocab_size}, but llmc "
+                          "trains with the GPT-2 tokenizer's 50257; start from a GPT-2 model")
+    base = model_config(cfg.model) if cfg.model is not None else fm
+    want = tuple(given if given is not None else default for given, default in
+                 zip((cfg.n_layer, cfg.n_head, cfg.n_embd), (base.n_layer, base.n_head, base.n_embd)))
+    if want != have:
+        raise ConfigError(f"--init-from {cfg.init_from} holds (n_layer, n_head, n_embd) = {have}, "
+                          f"but --model/--n-layer/--n-head/--n-embd ask for {want}; drop those "
+                          "flags to take the file's shape, or make them match it")
+    return dataclasses.replace(cfg, n_layer=have[0], n_head=have[1], n_embd=have[2]), init
+
+
+def _check_same_model(state: dict, cfg: TrainConfig, path, mc) -> None:
     want = [mc.n_layer, mc.n_head, mc.n_embd, mc.padded_vocab_size, mc.block_size]
     if state.get("model") != want:
         raise checkpoint.CheckpointError(

@@ -27,3 +27,4 @@ def test_wheel_contents(tmp_path):
     for asset in ("r50k_base.tiktoken", "tinyshakespeare.txt.gz"):
         assert f"llmc/assets/{asset}" in names
     assert "data_tools/fineweb.py" in names and "llmc/train.py" in names
+    assert "llmc/formats/hf.py" in names and "llmc/export.py" in names
