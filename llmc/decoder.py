@@ -79,11 +79,15 @@ def check_request(mc: ModelConfig, prompts, max_new_tokens: int, max_batch: int,
         if bad:
             raise GenerationError(f"prompt {i}: token id {bad[0]} is outside the vocabulary "
                                   f"[0, {mc.vocab_size})")
+        if len(ids) >= S:
+            raise GenerationError(
+                f"prompt {i}: {len(ids)} tokens leave no room in the model's context of {S} "
+                f"tokens; shorten the prompt to at most {S - 1} tokens")
         if len(ids) + max_new_tokens > S:
             raise GenerationError(
                 f"prompt {i}: {len(ids)} tokens + --max-new-tokens {max_new_tokens} exceed the "
                 f"model's context of {S} tokens; shorten the prompt or use --max-new-tokens "
-                f"{max(S - len(ids), 0)} or less")
+                f"{S - len(ids)} or less")
         out.append(ids)
     return out
 

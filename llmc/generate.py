@@ -25,7 +25,7 @@ import os
 import sys
 import time
 
-from llmc.decoder import GenerationError, make_decoder
+from llmc.decoder import GenerationError, check_request, make_decoder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +75,8 @@ def run(args, out=sys.stdout) -> list:
     texts, prompts = _prompts(args)
     device = pick_device(args.device)
     model_file = load_model(args.model)
+    check_request(model_file.config, prompts, args.max_new_tokens, len(prompts),
+                  model_file.config.block_size, args.temperature, args.top_k, args.top_p)
     decoder = make_decoder(model_file.config, model_file.params, device=device,
                            max_batch=len(prompts), dtype=args.dtype)
     enc = get_encoding()
