@@ -1,7 +1,7 @@
 """Text generation speed: llmc's KV-cache decoder against `transformers` generate, one process.
 
     python bench/generation.py [--model d12] [--batches 1,64] [--new-tokens 128,1023]
-        [--peer-new-tokens 128,1023] [--no-peer] [--json OUT]
+        [--peer-new-tokens 128,1023] [--no-peer] [--profile] [--json OUT]
 
 Both sides generate from the same random GPT-2 weights (llmc's init, exported to a
 transformers GPT2LMHeadModel through llmc.formats), bf16 on the GPU, sampling with temperature
@@ -12,6 +12,10 @@ every decode step and llmc's copy of the ids; transformers' returned tensor sync
 A warm-up run of each configuration first (kernel compiles, cuBLASLt plans, graph capture for
 llmc; CUDA/cuBLAS initialisation for torch). transformers runs its default dynamic KV cache
 through `generate` (do_sample=True, top_k=50), in torch_dtype bfloat16.
+
+--profile: per batch size, the GPU time of one decode step replayed from its CUDA graph (the
+median of 50 replays at a context of ~100 tokens), and one eager step with CUDA events around
+every op call, summed per family (the events add time; the fractions are what it is for).
 
 The floor at batch 1: reading the bf16 weights once per token (d12: 249 MB; ~19,000 tokens/s
 at 4.8 TB/s). Run on the GPU machine; prints a table and writes JSON with --json.
@@ -45,6 +49,65 @@ def llmc_rate(decoder, B: int, new: int, seed: int = 0) -> dict:
     return {"seconds": seconds, "tokens_per_s": B * new / seconds}
 
 
+PROFILED = {  # family -> (module under llmc.ops, launchers)
+    "decode": ("decode", ("decode_embed", "kv_append", "decode_attention", "gather_rows")),
+    "layernorm": ("layernorm", ("layernorm_forward", "fused_residual_layernorm_forward")),
+    "matmul": ("matmul", ("matmul_forward",)),
+    "gelu": ("gelu", ("gelu_forward",)),
+    "sampling": ("sampling", ("sample_tokens",)),
+}
+
+
+def profile_decode(decoder, B: int) -> dict:
+    """{graph_step_ms, eager_ms: {family: ms}} for one decode step at batch B (see docstring)."""
+    import importlib
+    import cupy
+    settings = dict(SETTINGS, seed=0)
+    decoder.generate_all([[EOT] * 100] * B, 4, stop_at_eot=False, **SETTINGS)  # graph for B
+    decoder._prefill([[EOT] * 100] * B, settings)
+    graph = next(g for (b, _), g in decoder._graphs.items() if b == B)
+    stream = decoder.stream
+    times = []
+    for _ in range(50):
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record(stream)
+        graph.launch(stream)
+        end.record(stream)
+        end.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, end))
+    records, saved = [], []
+    for family, (modname, names) in PROFILED.items():
+        mod = importlib.import_module(f"llmc.ops.{modname}")
+        for name in names:
+            orig = getattr(mod, name)
+
+            def timed(*a, _orig=orig, _family=family, **k):
+                start, end = cupy.cuda.Event(), cupy.cuda.Event()
+                start.record(stream)
+                result = _orig(*a, **k)
+                end.record(stream)
+                records.append((_family, start, end))
+                return result
+            setattr(mod, name, timed)
+            saved.append((mod, name, orig))
+    try:
+        with stream:
+            begin, finish = cupy.cuda.Event(), cupy.cuda.Event()
+            begin.record(stream)
+            decoder._decode_step(B, settings)
+            finish.record(stream)
+            finish.synchronize()
+    finally:
+        for mod, name, orig in saved:
+            setattr(mod, name, orig)
+    ms = {family: 0.0 for family in PROFILED}
+    for family, start, end in records:
+        ms[family] += cupy.cuda.get_elapsed_time(start, end)
+    total = cupy.cuda.get_elapsed_time(begin, finish)
+    ms["other"] = max(total - sum(ms.values()), 0.0)
+    return {"graph_step_ms": float(np.median(times)), "eager_total_ms": total, "eager_ms": ms}
+
+
 def peer_rate(model, B: int, new: int) -> dict:
     import torch
     ids = torch.full((B, 1), EOT, dtype=torch.long, device="cuda")
@@ -69,6 +132,7 @@ def main(argv=None) -> int:
     ap.add_argument("--peer-new-tokens", default="128,1023",
                     help="the new-token counts transformers also runs (it is slow)")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="per-family time of one decode step")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     import cupy
@@ -90,6 +154,13 @@ def main(argv=None) -> int:
             rows.append(dict(system="llmc", B=B, new_tokens=new, **r))
             print(f"llmc         B={B:3d} new={new:5d}: {r['tokens_per_s']:10,.0f} tokens/s "
                   f"({r['seconds']:.3f} s)", flush=True)
+    profiles = {}
+    if args.profile:
+        for B in batches:
+            p = profiles[B] = profile_decode(decoder, B)
+            fams = ", ".join(f"{k} {v:.3f}" for k, v in p["eager_ms"].items())
+            print(f"profile B={B}: graph step {p['graph_step_ms']:.3f} ms; eager step "
+                  f"{p['eager_total_ms']:.3f} ms = {fams}", flush=True)
     del decoder
     cupy.get_default_memory_pool().free_all_blocks()
     if peer_news:
@@ -123,7 +194,7 @@ def main(argv=None) -> int:
             print(f"| {B} | {new} | {ours['tokens_per_s']:,.0f} | {ptxt} | {ratio} |")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(device=device_name(), model=args.model,
-                                                   rows=rows), indent=1))
+                                                   rows=rows, profile=profiles), indent=1))
     return 0
 
 

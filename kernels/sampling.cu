@@ -10,7 +10,8 @@
 // Then ids[b, pos[b] + 1] = tok and pos[b] += 1.   logits (B, ld) floatX; ids (B, S) int32.
 //
 // One block of 1024 threads per row, no sort: both thresholds come from a radix select over
-// the order-preserving 32-bit keys of z (four passes of 8 bits with shared-memory histograms),
+// the order-preserving 32-bit keys of z (four passes of 8 bits with per-warp shared-memory
+// histograms, 64 KiB of dynamic shared memory),
 // counting tokens for top-k and summing probability for top-p. Probabilities are fixed point,
 // w_v = round(2^32 * 2^((z_v - max z) * log2 e)) in 64-bit integers, so every sum is exact and
 // the choice is deterministic; a token more than 22 nats below the best (w = 0) is never drawn.
@@ -39,29 +40,38 @@ __device__ __forceinline__ u64 block_sum_u64(u64 v, u64* scratch) {
 }
 
 // The largest key tau with weight(keys >= tau) >= target, among tokens with key >= floor_key;
-// weight = 1 per token (count) or its fixed-point probability.
+// weight = 1 per token (count) or its fixed-point probability. Each warp histograms into its own
+// 256 bins (`hist`, 32 x 256 in dynamic shared memory): the keys of one row share their top
+// bits, and a single block-wide histogram made every thread of the block wait on the same bin.
 __device__ unsigned radix_select(const floatX* row, int V, float zscale, float zmax, bool count,
-                                 unsigned floor_key, u64 target, u64* hist, unsigned* shared_sel,
-                                 u64* shared_rem) {
+                                 unsigned floor_key, u64 target, u64* hist, u64* total,
+                                 unsigned* shared_sel, u64* shared_rem) {
     unsigned prefix = 0, mask = 0;
+    u64* mine = hist + (threadIdx.x / 32) * 256;
     if (threadIdx.x == 0) *shared_rem = target;
     for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int i = threadIdx.x; i < 256; i += SAMPLE_THREADS) hist[i] = 0ull;
+        for (int i = threadIdx.x; i < 32 * 256; i += SAMPLE_THREADS) hist[i] = 0ull;
         __syncthreads();
         for (int v = threadIdx.x; v < V; v += SAMPLE_THREADS) {
             const float z = to_float(row[v]) * zscale;
             const unsigned key = order_key(z);
             if (key < floor_key || (key & mask) != prefix) continue;
             const u64 w = count ? 1ull : (u64)llrintf(exp2f(z - zmax) * 4294967296.0f);
-            if (w) atomicAdd(&hist[(key >> shift) & 255u], w);
+            if (w) atomicAdd(&mine[(key >> shift) & 255u], w);
+        }
+        __syncthreads();
+        if (threadIdx.x < 256) {
+            u64 t = 0;
+            for (int w = 0; w < SAMPLE_THREADS / 32; w++) t += hist[w * 256 + threadIdx.x];
+            total[threadIdx.x] = t;
         }
         __syncthreads();
         if (threadIdx.x == 0) {
             u64 above = 0, rem = *shared_rem;
             int sel = 0;
             for (int d = 255; d >= 0; d--) {
-                if (above + hist[d] >= rem) { sel = d; break; }
-                above += hist[d];
+                if (above + total[d] >= rem) { sel = d; break; }
+                above += total[d];
             }
             *shared_rem = rem - above;
             *shared_sel = (unsigned)sel;
@@ -76,7 +86,8 @@ __device__ unsigned radix_select(const floatX* row, int V, float zscale, float z
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
 sample_rows(int* __restrict__ ids, int* __restrict__ pos, const floatX* __restrict__ logits,
             int ld, int V, int S, float temperature, int top_k, float top_p, unsigned seed) {
-    __shared__ u64 hist[256];
+    extern __shared__ u64 hist[];  // SAMPLE_THREADS / 32 warps x 256 bins
+    __shared__ u64 total[256];
     __shared__ u64 red[32];
     __shared__ float fred[32];
     __shared__ unsigned sel;
@@ -122,7 +133,8 @@ sample_rows(int* __restrict__ ids, int* __restrict__ pos, const floatX* __restri
 
     unsigned floor_key = 0;
     if (top_k > 0 && top_k < V)
-        floor_key = radix_select(row, V, zscale, zmax, true, 0u, (u64)top_k, hist, &sel, &rem);
+        floor_key = radix_select(row, V, zscale, zmax, true, 0u, (u64)top_k, hist, total, &sel,
+                                 &rem);
     if (top_p < 1.0f) {
         u64 mass = 0;
         for (int v = threadIdx.x; v < V; v += SAMPLE_THREADS) {
@@ -132,7 +144,7 @@ sample_rows(int* __restrict__ ids, int* __restrict__ pos, const floatX* __restri
         mass = block_sum_u64(mass, red);
         const u64 target = (u64)ceil((double)top_p * (double)mass);
         floor_key = radix_select(row, V, zscale, zmax, false, floor_key, target > 0 ? target : 1ull,
-                                 hist, &sel, &rem);
+                                 hist, total, &sel, &rem);
     }
 
     // Kept mass per thread over its ids v = tid, tid + 1024, ...; an exclusive scan over threads.
@@ -151,16 +163,16 @@ sample_rows(int* __restrict__ ids, int* __restrict__ pos, const floatX* __restri
     if (lane == 31) red[warp] = incl;
     if (threadIdx.x == 0) pick = -1;
     __syncthreads();
-    u64 before = incl - mine, total = 0;
+    u64 before = incl - mine, kept = 0;
     for (int w = 0; w < SAMPLE_THREADS / 32; w++) {
         if (w < warp) before += red[w];
-        total += red[w];
+        kept += red[w];
     }
     const unsigned h1 = hash_u32((unsigned)p, seed ^ hash_u32((unsigned)b, 0x9E3779B9u));
     const unsigned h2 = hash_u32((unsigned)p + 0x51ED2701u, h1);
     const double u = (double)((((u64)h1) << 21) ^ (u64)h2) * (1.0 / 9007199254740992.0);  // [0, 1)
-    u64 target = (u64)(u * (double)total);
-    if (target >= total) target = total - 1;  // total >= 1: the best token always has w = 2^32
+    u64 target = (u64)(u * (double)kept);
+    if (target >= kept) target = kept - 1;  // kept >= 1: the best token always has w = 2^32
     if (mine > 0 && target >= before && target < before + mine) {
         u64 c = before;
         for (int v = threadIdx.x; v < V; v += SAMPLE_THREADS) {

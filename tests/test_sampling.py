@@ -4,7 +4,7 @@
 - For temperature / top-k / top-p settings, 4096 rows holding the same logits each draw once
   (the draw hashes the row): every drawn token is in the reference's support, the empirical
   frequencies match the reference probabilities (total variation within a bound from the
-  sample size), and with top-k 1 every row draws the argmax.
+  sample size), and with top-k 1 every row draws one of the tied maxima.
 - A fixed seed gives the same draws twice; another seed or position gives others.
 - ids[b, pos[b] + 1] is written and pos advances by one; fp32 and bf16 logits.
 
@@ -67,8 +67,8 @@ def test_draws_follow_the_reference(dtype, temperature, top_k, top_p):
     # by at most 1 / B, so TV stays within a few 1 / sqrt(4B) = 0.008 of its mean: + 0.05
     bound = 0.5 * np.sqrt(probs / B).sum() + 0.05
     assert tv <= bound, f"total variation {tv:.3f} > {bound:.3f}"
-    if top_k == 1:
-        assert np.all(got == 7)
+    if top_k == 1:  # the top tie survives whole (threshold semantics, as torch.topk's)
+        assert set(got.tolist()) <= {7, 70, 700}
 
 
 def test_seed_and_position_fix_the_draw():

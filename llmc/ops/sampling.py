@@ -18,9 +18,10 @@ from __future__ import annotations
 import numpy as np
 
 from llmc import kernels
-from llmc.ops import FLOATX, I32, check, dtype_name
+from llmc.ops import FLOATX, I32, check, dtype_name, set_dynamic_smem
 
 THREADS = 1024  # SAMPLE_THREADS in the kernel
+HIST_BYTES = (THREADS // 32) * 256 * 8  # per-warp radix histograms, 64-bit bins
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
@@ -45,9 +46,11 @@ def sample_tokens(ids, pos, logits, V: int, *, temperature: float = 1.0, top_k: 
         raise ValueError(f"V: expected 1 <= V <= Vp = {Vp}, got {V}")
     if B == 0:
         return ids
-    kernels.function("sampling", "sample_rows", dtype_name(logits, "logits"))(
+    kernel = kernels.function("sampling", "sample_rows", dtype_name(logits, "logits"))
+    set_dynamic_smem(kernel, HIST_BYTES)
+    kernel(
         (B,), (THREADS,),
         (ids, pos, logits, np.int32(Vp), np.int32(V), np.int32(ids.shape[1]),
          np.float32(temperature), np.int32(top_k), np.float32(top_p),
-         np.uint32(int(seed) & 0xFFFFFFFF)))
+         np.uint32(int(seed) & 0xFFFFFFFF)), shared_mem=HIST_BYTES)
     return ids
