@@ -13,9 +13,9 @@ A warm-up run of each configuration first (kernel compiles, cuBLASLt plans, grap
 llmc; CUDA/cuBLAS initialisation for torch). transformers runs its default dynamic KV cache
 through `generate` (do_sample=True, top_k=50), in torch_dtype bfloat16.
 
---profile: per batch size, the GPU time of one decode step replayed from its CUDA graph (the
-median of 50 replays at a context of ~100 tokens), and one eager step with CUDA events around
-every op call, summed per family (the events add time; the fractions are what it is for).
+--profile: per batch size, the GPU time of one decode step replayed from its CUDA graph and of
+each of its launches (each op captured 20 times into a graph of its own), at a context of ~100
+tokens.
 
 The floor at batch 1: reading the bf16 weights once per token (d12: 249 MB; ~19,000 tokens/s
 at 4.8 TB/s). Run on the GPU machine; prints a table and writes JSON with --json.
@@ -49,63 +49,66 @@ def llmc_rate(decoder, B: int, new: int, seed: int = 0) -> dict:
     return {"seconds": seconds, "tokens_per_s": B * new / seconds}
 
 
-PROFILED = {  # family -> (module under llmc.ops, launchers)
-    "decode": ("decode", ("decode_embed", "kv_append", "decode_attention", "gather_rows")),
-    "layernorm": ("layernorm", ("layernorm_forward", "fused_residual_layernorm_forward")),
-    "matmul": ("matmul", ("matmul_forward",)),
-    "gelu": ("gelu", ("gelu_forward",)),
-    "sampling": ("sampling", ("sample_tokens",)),
-}
+def profile_decode(decoder, B: int, reps: int = 20) -> dict:
+    """GPU microseconds of each launch of one decode step at batch B (context ~100 tokens):
+    {graph_step_us, per_launch_us: {op: us}, launches: {op: count per step}}.
 
-
-def profile_decode(decoder, B: int) -> dict:
-    """{graph_step_ms, eager_ms: {family: ms}} for one decode step at batch B (see docstring)."""
-    import importlib
+    Each op is captured `reps` times in a row into its own CUDA graph and timed over 5 replays,
+    so launch gaps inside a graph count as they do in the real step's graph."""
     import cupy
+    from llmc.ops import decode, layernorm, matmul, sampling
     settings = dict(SETTINGS, seed=0)
+    mc, L, r, p = decoder.mc, decoder.mc.n_layer, decoder._rows, decoder._p
+    w = decoder._pl[0]
     decoder.generate_all([[EOT] * 100] * B, 4, stop_at_eot=False, **SETTINGS)  # graph for B
     decoder._prefill([[EOT] * 100] * B, settings)
-    graph = next(g for (b, _), g in decoder._graphs.items() if b == B)
     stream = decoder.stream
-    times = []
-    for _ in range(50):
-        start, end = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record(stream)
-        graph.launch(stream)
-        end.record(stream)
-        end.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, end))
-    records, saved = [], []
-    for family, (modname, names) in PROFILED.items():
-        mod = importlib.import_module(f"llmc.ops.{modname}")
-        for name in names:
-            orig = getattr(mod, name)
+    x, res2, ln, mean, rstd = r.x[:B], r.res2[:B], r.ln[:B], r.mean[:B], r.rstd[:B]
+    qkv, atty, btc, fchg = r.qkv[:B], r.atty[:B], r.btc[:B], r.fchg[:B]
+    ids, pos = decoder.ids[:B], decoder.pos[:B]
+    ops = {  # op -> (launch, launches per step)
+        "embed": (lambda: decode.decode_embed(x, ids, pos, p["wte"], p["wpe"]), 1),
+        "layernorm": (lambda: layernorm.fused_residual_layernorm_forward(
+            res2, ln, mean, rstd, x, btc, w["ln2w"], w["ln2b"]), 2 * L + 1),
+        "matmul qkv": (lambda: matmul.matmul_forward(qkv, ln, w["qkvw"], w["qkvb"]), L),
+        "attention": (lambda: decode.decode_attention(
+            atty, qkv, decoder.k[0, :B], decoder.v[0, :B], pos, decoder._scratch_for(B),
+            decoder.chunk), L),
+        "matmul attproj": (lambda: matmul.matmul_forward(btc, atty, w["attprojw"], w["attprojb"]), L),
+        "matmul fc+gelu": (lambda: matmul.matmul_forward(fchg, ln, w["fcw"], w["fcb"], gelu=True), L),
+        "matmul fcproj": (lambda: matmul.matmul_forward(btc, fchg, w["fcprojw"], w["fcprojb"]), L),
+        "matmul head": (lambda: matmul.matmul_forward(decoder._logits[:B], ln, p["wte"], None), 1),
+        "sample": (lambda: sampling.sample_tokens(ids, pos, decoder._logits[:B],
+                                                  mc.vocab_size, **settings), 1),
+    }
 
-            def timed(*a, _orig=orig, _family=family, **k):
-                start, end = cupy.cuda.Event(), cupy.cuda.Event()
-                start.record(stream)
-                result = _orig(*a, **k)
-                end.record(stream)
-                records.append((_family, start, end))
-                return result
-            setattr(mod, name, timed)
-            saved.append((mod, name, orig))
-    try:
+    def graph_us(fn, n):
         with stream:
-            begin, finish = cupy.cuda.Event(), cupy.cuda.Event()
-            begin.record(stream)
-            decoder._decode_step(B, settings)
-            finish.record(stream)
-            finish.synchronize()
-    finally:
-        for mod, name, orig in saved:
-            setattr(mod, name, orig)
-    ms = {family: 0.0 for family in PROFILED}
-    for family, start, end in records:
-        ms[family] += cupy.cuda.get_elapsed_time(start, end)
-    total = cupy.cuda.get_elapsed_time(begin, finish)
-    ms["other"] = max(total - sum(ms.values()), 0.0)
-    return {"graph_step_ms": float(np.median(times)), "eager_total_ms": total, "eager_ms": ms}
+            fn()  # eager first: plans
+            stream.begin_capture()
+            try:
+                for _ in range(n):
+                    fn()
+            finally:
+                g = stream.end_capture()
+            g.launch(stream)
+            start, end = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record(stream)
+            for _ in range(5):
+                g.launch(stream)
+            end.record(stream)
+            end.synchronize()
+        return 1000 * cupy.cuda.get_elapsed_time(start, end) / (5 * n)
+
+    per = {}
+    for name, (fn, _) in ops.items():
+        if name == "sample":
+            decoder._prefill([[EOT] * 100] * B, settings)  # room for 6 x reps more positions
+        per[name] = graph_us(fn, reps)
+    decoder._prefill([[EOT] * 100] * B, settings)
+    step = graph_us(lambda: decoder._decode_step(B, settings), 1)
+    return {"graph_step_us": step, "per_launch_us": per,
+            "launches": {name: n for name, (_, n) in ops.items()}}
 
 
 def peer_rate(model, B: int, new: int) -> dict:
@@ -158,9 +161,11 @@ def main(argv=None) -> int:
     if args.profile:
         for B in batches:
             p = profiles[B] = profile_decode(decoder, B)
-            fams = ", ".join(f"{k} {v:.3f}" for k, v in p["eager_ms"].items())
-            print(f"profile B={B}: graph step {p['graph_step_ms']:.3f} ms; eager step "
-                  f"{p['eager_total_ms']:.3f} ms = {fams}", flush=True)
+            parts = ", ".join(f"{k} {v:.1f} us x{p['launches'][k]}"
+                              for k, v in p["per_launch_us"].items())
+            total = sum(v * p["launches"][k] for k, v in p["per_launch_us"].items())
+            print(f"profile B={B}: graph step {p['graph_step_us']:.0f} us (sum of launches "
+                  f"{total:.0f} us): {parts}", flush=True)
     del decoder
     cupy.get_default_memory_pool().free_all_blocks()
     if peer_news:

@@ -2,8 +2,8 @@
 //
 //   decode_embed:      x[b] = wte[ids[b, pos[b]]] + wpe[pos[b]]                  x (B, C) `=`
 //   gather_rows:       out[b] = inp[b * T + pos[b]]          the prompt's last position, (B, C)
-//   kv_append:         cache[b, h, pos[b] + r] = k / v of qkv[b, r]      (rows past S dropped)
-//   decode_attention_partial + decode_attention_combine:
+//   kv_append:         cache[b, h, pos[b] + r] = k / v of qkv[b, r]  (prefill; rows past S dropped)
+//   decode_attention:  cache[b, h, pos[b]] = k / v of qkv[b] (the newest token), then
 //       out[b, h*HS + d] = sum_{u <= pos[b]} softmax_u(q_b . k_u / sqrt(HS)) v_u[d]
 //
 // ids (B, S) int32 holds every sequence's tokens (prompt, then generated); pos (B,) int32 is the
@@ -13,7 +13,7 @@
 //
 // The decode attention is split over the cached length ("flash decoding"): block (split, b*NH+h)
 // takes keys [split * chunk, (split + 1) * chunk) and writes its unnormalized output and its
-// (max, sum) in log2 units; the combine kernel rescales and adds the splits of each head. So
+// (max, sum) in log2 units; the head's last block to finish rescales and adds the splits. So
 // one sequence still spreads over many blocks, and the split count stays fixed for a given
 // cache size, which a captured CUDA graph needs (blocks past pos[b] return at once).
 // Every sum is in a fixed order: the step is bitwise deterministic.
@@ -68,29 +68,41 @@ extern "C" __global__ void kv_append(floatX* __restrict__ kcache, floatX* __rest
 
 // Block (split, b*NH + h), DA_THREADS threads. tpk = HS / DA_PACK threads share one key (one
 // 16-byte piece each, a power of two <= 32, checked by the launcher), so a warp reads whole
-// cache rows. part_o (B*NH, splits, HS) f32: sum_u 2^(s_u - m) v_u; part_ml (B*NH, splits, 2)
-// f32: (m, sum_u 2^(s_u - m)), s = q . k * log2(e) / sqrt(HS). Dynamic shared: chunk floats.
+// cache rows. The newest key and value (position pos[b]) come from qkv itself: the block whose
+// split holds that position writes them into the cache and reads them from qkv, so the append
+// needs no launch of its own and no block reads a cache row another block is writing.
+// Each block leaves part_o (B*NH, splits, HS) f32 = sum_u 2^(s_u - m) v_u and part_ml
+// (B*NH, splits, 2) f32 = (m, sum_u 2^(s_u - m)), s = q . k * log2(e) / sqrt(HS); the last of a
+// head's blocks to finish (a counter per head, reset by that block) adds the splits in order
+// and writes out[b, h*HS + d]. Dynamic shared memory: chunk floats.
 extern "C" __global__ void __launch_bounds__(DA_THREADS)
-decode_attention_partial(float* __restrict__ part_o, float* __restrict__ part_ml,
-                         const floatX* __restrict__ qkv, const floatX* __restrict__ kcache,
-                         const floatX* __restrict__ vcache, const int* __restrict__ pos,
-                         int NH, int HS, int S, int chunk, float scale_log2) {
+decode_attention(floatX* __restrict__ out, float* __restrict__ part_o, float* __restrict__ part_ml,
+                 int* __restrict__ counters, floatX* __restrict__ kcache,
+                 floatX* __restrict__ vcache, const floatX* __restrict__ qkv,
+                 const int* __restrict__ pos, int NH, int HS, int S, int chunk, float scale_log2) {
     extern __shared__ float score[];
     __shared__ float red[32];
     __shared__ float acc_sh[DA_THREADS * DA_PACK];
+    __shared__ bool last_block;
     const int split = blockIdx.x, splits = gridDim.x, bh = blockIdx.y;
     const int b = bh / NH, h = bh % NH, C = NH * HS;
-    const int n = pos[b] + 1;
+    const int p = pos[b], n = p + 1;
     const int k0 = split * chunk, k1 = min(k0 + chunk, n);
-    if (k0 >= n) return;  // the combine kernel reads only splits that hold keys
+    if (k0 >= n) return;  // only the ceil(n / chunk) splits that hold keys take part
+    const int used = (n + chunk - 1) / chunk;
     const int tpk = HS / DA_PACK, kpr = DA_THREADS / tpk;
     const int sub = threadIdx.x % tpk, kr = threadIdx.x / tpk;
-    const floatX* kb = kcache + (long long)bh * S * HS + sub * DA_PACK;
-    const floatX* vb = vcache + (long long)bh * S * HS + sub * DA_PACK;
+    const long long head = (long long)bh * S * HS + sub * DA_PACK;
+    const floatX* qrow = qkv + (long long)b * 3 * C + h * HS + sub * DA_PACK;
+    const Packed128<floatX> knew = load128(qrow + C), vnew = load128(qrow + 2 * C);
+    if (k1 == n && kr == 0) {  // this block holds the newest position
+        store128(kcache + head + (long long)p * HS, knew);
+        store128(vcache + head + (long long)p * HS, vnew);
+    }
 
     float q[DA_PACK];
     {
-        const Packed128<floatX> qp = load128(qkv + (long long)b * 3 * C + h * HS + sub * DA_PACK);
+        const Packed128<floatX> qp = load128(qrow);
 #pragma unroll
         for (int i = 0; i < DA_PACK; i++) q[i] = to_float(qp[i]) * scale_log2;
     }
@@ -99,7 +111,7 @@ decode_attention_partial(float* __restrict__ part_o, float* __restrict__ part_ml
         const int k = base + kr;
         float s = 0.0f;
         if (k < k1) {
-            const Packed128<floatX> kp = load128(kb + (long long)k * HS);
+            const Packed128<floatX> kp = k == p ? knew : load128(kcache + head + (long long)k * HS);
 #pragma unroll
             for (int i = 0; i < DA_PACK; i++) s = fmaf(q[i], to_float(kp[i]), s);
         }
@@ -113,19 +125,19 @@ decode_attention_partial(float* __restrict__ part_o, float* __restrict__ part_ml
     mx = block_max(mx, red);
     float sum = 0.0f;
     for (int i = threadIdx.x; i < cnt; i += DA_THREADS) {
-        const float p = exp2f(score[i] - mx);
-        score[i] = p;
-        sum += p;
+        const float e = exp2f(score[i] - mx);
+        score[i] = e;
+        sum += e;
     }
     sum = block_sum(sum, red);  // ends with a barrier after the writes above
     float acc[DA_PACK];
 #pragma unroll
     for (int i = 0; i < DA_PACK; i++) acc[i] = 0.0f;
     for (int k = k0 + kr; k < k1; k += kpr) {
-        const float p = score[k - k0];
-        const Packed128<floatX> vp = load128(vb + (long long)k * HS);
+        const float e = score[k - k0];
+        const Packed128<floatX> vp = k == p ? vnew : load128(vcache + head + (long long)k * HS);
 #pragma unroll
-        for (int i = 0; i < DA_PACK; i++) acc[i] = fmaf(p, to_float(vp[i]), acc[i]);
+        for (int i = 0; i < DA_PACK; i++) acc[i] = fmaf(e, to_float(vp[i]), acc[i]);
     }
 #pragma unroll
     for (int i = 0; i < DA_PACK; i++) acc_sh[kr * HS + sub * DA_PACK + i] = acc[i];
@@ -140,26 +152,25 @@ decode_attention_partial(float* __restrict__ part_o, float* __restrict__ part_ml
         part_ml[2 * part] = mx;
         part_ml[2 * part + 1] = sum;
     }
-}
-
-// Block b*NH + h; thread d < HS writes out[b, h*HS + d] from the splits that hold keys.
-extern "C" __global__ void decode_attention_combine(floatX* __restrict__ out,
-                                                    const float* __restrict__ part_o,
-                                                    const float* __restrict__ part_ml,
-                                                    const int* __restrict__ pos, int NH, int HS,
-                                                    int chunk, int splits) {
-    const int bh = blockIdx.x, b = bh / NH, h = bh % NH;
-    const int used = (pos[b] + chunk) / chunk;  // ceil((pos + 1) / chunk)
+    // The last block of this head to get here combines: make this block's partials visible,
+    // count it in, and let only the block that completes the count go on.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last_block = atomicAdd(&counters[bh], 1) == used - 1;
+    __syncthreads();
+    if (!last_block) return;
+    __threadfence();
     const float* ml = part_ml + (long long)bh * splits * 2;
     float m = NEG_INF;
-    for (int s = 0; s < used; s++) m = fmaxf(m, ml[2 * s]);
+    for (int s = 0; s < used; s++) m = fmaxf(m, __ldcg(ml + 2 * s));
     float l = 0.0f;
-    for (int s = 0; s < used; s++) l += ml[2 * s + 1] * exp2f(ml[2 * s] - m);
+    for (int s = 0; s < used; s++) l += __ldcg(ml + 2 * s + 1) * exp2f(__ldcg(ml + 2 * s) - m);
     const float inv = 1.0f / l;
-    for (int d = threadIdx.x; d < HS; d += blockDim.x) {
+    for (int d = threadIdx.x; d < HS; d += DA_THREADS) {
         float o = 0.0f;
         for (int s = 0; s < used; s++)
-            o += part_o[((long long)bh * splits + s) * HS + d] * exp2f(ml[2 * s] - m);
-        out[(long long)b * NH * HS + h * HS + d] = from_float<floatX>(o * inv);
+            o += __ldcg(part_o + ((long long)bh * splits + s) * HS + d) * exp2f(__ldcg(ml + 2 * s) - m);
+        out[(long long)b * C + h * HS + d] = from_float<floatX>(o * inv);
     }
+    if (threadIdx.x == 0) counters[bh] = 0;  // ready for the next step (and graph replay)
 }

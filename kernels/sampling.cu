@@ -16,7 +16,7 @@
 // w_v = round(2^32 * 2^((z_v - max z) * log2 e)) in 64-bit integers, so every sum is exact and
 // the choice is deterministic; a token more than 22 nats below the best (w = 0) is never drawn.
 // The draw walks the kept weights in a fixed order (thread by thread, each over its own
-// strided ids) to the point u * total, u uniform in [0, 1) from a hash of (seed, b, pos[b]):
+// 16-byte packs of ids) to the point u * total, u uniform in [0, 1) from a hash of (seed, b, pos[b]):
 // a fixed seed gives the same text every run, with no RNG state in memory.
 #include "common.cuh"
 
@@ -26,6 +26,21 @@ typedef unsigned long long u64;
 __device__ __forceinline__ unsigned order_key(float x) {
     const unsigned u = __float_as_uint(x);
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// f(v, z) for this thread's ids, as z = logits[v] * zscale: 16-byte loads of the pack ids
+// p = tid, tid + 1024, ..., each pack's ids in order (the fixed order every pass walks).
+template <typename F>
+__device__ __forceinline__ void for_my_logits(const floatX* row, int V, float zscale, F f) {
+    const int packs = (V + x128::size - 1) / x128::size;
+    for (int p = threadIdx.x; p < packs; p += SAMPLE_THREADS) {
+        const x128 x = load128(row + p * x128::size);
+#pragma unroll
+        for (int e = 0; e < x128::size; e++) {
+            const int v = p * x128::size + e;
+            if (v < V) f(v, to_float(x[e]) * zscale);
+        }
+    }
 }
 
 __device__ __forceinline__ u64 block_sum_u64(u64 v, u64* scratch) {
@@ -52,13 +67,12 @@ __device__ unsigned radix_select(const floatX* row, int V, float zscale, float z
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = threadIdx.x; i < 32 * 256; i += SAMPLE_THREADS) hist[i] = 0ull;
         __syncthreads();
-        for (int v = threadIdx.x; v < V; v += SAMPLE_THREADS) {
-            const float z = to_float(row[v]) * zscale;
+        for_my_logits(row, V, zscale, [&](int, float z) {
             const unsigned key = order_key(z);
-            if (key < floor_key || (key & mask) != prefix) continue;
+            if (key < floor_key || (key & mask) != prefix) return;
             const u64 w = count ? 1ull : (u64)llrintf(exp2f(z - zmax) * 4294967296.0f);
             if (w) atomicAdd(&mine[(key >> shift) & 255u], w);
-        }
+        });
         __syncthreads();
         if (threadIdx.x < 256) {
             u64 t = 0;
@@ -100,10 +114,9 @@ sample_rows(int* __restrict__ ids, int* __restrict__ pos, const floatX* __restri
     if (temperature <= 0.0f) {  // greedy: (value, id) maxima, lowest id among equal values
         float best = NEG_INF;
         int arg = 0x7fffffff;
-        for (int v = threadIdx.x; v < V; v += SAMPLE_THREADS) {
-            const float z = to_float(row[v]);
-            if (z > best) { best = z; arg = v; }
-        }
+        for_my_logits(row, V, 1.0f, [&](int v, float z) {
+            if (z > best || (z == best && v < arg)) { best = z; arg = v; }
+        });
         for (int o = 16; o > 0; o >>= 1) {
             const float ob = __shfl_xor_sync(0xffffffffu, best, o);
             const int oa = __shfl_xor_sync(0xffffffffu, arg, o);
@@ -128,7 +141,7 @@ sample_rows(int* __restrict__ ids, int* __restrict__ pos, const floatX* __restri
 
     const float zscale = 1.4426950408889634f / temperature;  // z in log2 units
     float zmax = NEG_INF;
-    for (int v = threadIdx.x; v < V; v += SAMPLE_THREADS) zmax = fmaxf(zmax, to_float(row[v]) * zscale);
+    for_my_logits(row, V, zscale, [&](int, float z) { zmax = fmaxf(zmax, z); });
     zmax = block_max(zmax, fred);
 
     unsigned floor_key = 0;
@@ -137,10 +150,9 @@ sample_rows(int* __restrict__ ids, int* __restrict__ pos, const floatX* __restri
                                  &rem);
     if (top_p < 1.0f) {
         u64 mass = 0;
-        for (int v = threadIdx.x; v < V; v += SAMPLE_THREADS) {
-            const float z = to_float(row[v]) * zscale;
+        for_my_logits(row, V, zscale, [&](int, float z) {
             if (order_key(z) >= floor_key) mass += (u64)llrintf(exp2f(z - zmax) * 4294967296.0f);
-        }
+        });
         mass = block_sum_u64(mass, red);
         const u64 target = (u64)ceil((double)top_p * (double)mass);
         floor_key = radix_select(row, V, zscale, zmax, false, floor_key, target > 0 ? target : 1ull,
@@ -149,10 +161,9 @@ sample_rows(int* __restrict__ ids, int* __restrict__ pos, const floatX* __restri
 
     // Kept mass per thread over its ids v = tid, tid + 1024, ...; an exclusive scan over threads.
     u64 mine = 0;
-    for (int v = threadIdx.x; v < V; v += SAMPLE_THREADS) {
-        const float z = to_float(row[v]) * zscale;
+    for_my_logits(row, V, zscale, [&](int, float z) {
         if (order_key(z) >= floor_key) mine += (u64)llrintf(exp2f(z - zmax) * 4294967296.0f);
-    }
+    });
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     u64 incl = mine;
     for (int o = 1; o < 32; o <<= 1) {
@@ -175,12 +186,12 @@ sample_rows(int* __restrict__ ids, int* __restrict__ pos, const floatX* __restri
     if (target >= kept) target = kept - 1;  // kept >= 1: the best token always has w = 2^32
     if (mine > 0 && target >= before && target < before + mine) {
         u64 c = before;
-        for (int v = threadIdx.x; v < V; v += SAMPLE_THREADS) {
-            const float z = to_float(row[v]) * zscale;
-            if (order_key(z) < floor_key) continue;
+        bool found = false;
+        for_my_logits(row, V, zscale, [&](int v, float z) {
+            if (found || order_key(z) < floor_key) return;
             c += (u64)llrintf(exp2f(z - zmax) * 4294967296.0f);
-            if (c > target) { pick = v; break; }
-        }
+            if (c > target) { pick = v; found = true; }
+        });
     }
     __syncthreads();
     if (threadIdx.x == 0) {

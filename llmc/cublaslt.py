@@ -5,6 +5,7 @@
     c (M, N) = op(a) (M, K) @ op(b) (K, N) (+ beta * c), then the epilogue:
         "default"  nothing more
         "bias"     c += bias[None, :]                 bias (N,), c's dtype
+        "gelu_bias" c = gelu(product + bias[None, :])  tanh GELU of the fp32 accumulator
         "dgelu"    c = product * gelu'(aux)           aux (M, N) like c, beta = 0
 
 op(x) is x, or x.T when trans_x is set. All of a, b, c (and aux, bias) are bf16
@@ -52,7 +53,7 @@ DESC_TRANSA, DESC_TRANSB, DESC_EPILOGUE, DESC_BIAS_POINTER = 3, 4, 7, 8
 DESC_EPILOGUE_AUX_POINTER, DESC_EPILOGUE_AUX_LD = 11, 12
 PREF_MAX_WORKSPACE_BYTES = 1
 PREF_MIN_ALIGNMENT = {"a": 5, "b": 6, "c": 7, "d": 8}  # cuBLASLt's A, B, C, D
-EPILOGUES = {"default": 1, "bias": 4, "dgelu": 64 | 128}
+EPILOGUES = {"default": 1, "bias": 4, "gelu_bias": 32 | 4, "dgelu": 64 | 128}
 _CUDA_TYPES = {F32: CUDA_R_32F, BF16: CUDA_R_16BF}
 
 
@@ -277,9 +278,9 @@ def matmul(c, a, b, *, trans_a: bool = False, trans_b: bool = False, beta: float
 
     ptrs = {}
     ldaux = None
-    if epilogue == "bias":
+    if epilogue in ("bias", "gelu_bias"):
         if not isinstance(bias, cupy.ndarray) or bias.shape != (N,):
-            raise ValueError(f"bias: epilogue 'bias' needs a ({N},) cupy.ndarray, got "
+            raise ValueError(f"bias: epilogue {epilogue!r} needs a ({N},) cupy.ndarray, got "
                              f"{getattr(bias, 'shape', type(bias).__name__)}")
         if bias.dtype != c.dtype or not bias.flags.c_contiguous or bias.device.id != dev:
             raise ValueError(f"bias: expected a contiguous {c.dtype} vector on device {dev}, "

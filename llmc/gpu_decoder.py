@@ -14,9 +14,9 @@ Design (llmc/decoder.py has the loop and the sampling contract):
   copied into the cache (kv_append); the last prompt position of each row is gathered, its
   logits computed (B, Vp) and the first token sampled. Padding positions write cache entries
   that the row's own decode steps overwrite before any query can reach them.
-- Decode step, B rows: decode_embed -> per layer ln1, qkv, kv_append, decode_attention,
-  attproj, residual + ln2, fc, gelu, fcproj, residual + next ln -> logits (B, Vp) of the newest
-  position only -> sample_tokens. Products are cuBLASLt's (llmc/cublaslt.py) on the current
+- Decode step, B rows: decode_embed -> per layer ln1, qkv, decode_attention (which appends the
+  new K and V), attproj, residual + ln2, fc with GELU in its epilogue, fcproj, residual + next
+  ln -> logits (B, Vp) of the newest position only -> sample_tokens: 7 launches a layer. Products are cuBLASLt's (llmc/cublaslt.py) on the current
   stream with its preallocated workspace, so the whole step, matmuls included, is captured as
   one CUDA graph per batch size (graphs=True) after a first eager step has made every cuBLASLt
   plan. Replays cost one launch from Python per token.
@@ -31,7 +31,7 @@ import numpy as np
 from llmc.config import ModelConfig
 from llmc.decoder import LAYER_PARAMS, Decoder
 from llmc.gpu_model import DTYPES, from_host
-from llmc.ops import F32, I32, attention, decode, gelu, layernorm, matmul, sampling
+from llmc.ops import F32, I32, attention, decode, layernorm, matmul, sampling
 from llmc.params import num_params, views
 
 
@@ -47,8 +47,7 @@ class _Rows:
         self.qkv = cupy.empty((R, 3 * C), dtype=dt)
         self.atty = cupy.empty((R, C), dtype=dt)
         self.btc = cupy.empty((R, C), dtype=dt)
-        self.fch = cupy.empty((R, 4 * C), dtype=dt)
-        self.fchg = cupy.empty((R, 4 * C), dtype=dt)
+        self.fchg = cupy.empty((R, 4 * C), dtype=dt)   # gelu(fc(ln2)), from the epilogue
 
 
 class GPUDecoder(Decoder):
@@ -84,8 +83,7 @@ class GPUDecoder(Decoder):
         self._zeros = cupy.zeros((Bm,), dtype=I32)
         self._rows = _Rows(cupy, Bm, C, self.floatX)
         self._logits = cupy.empty((Bm, mc.padded_vocab_size), dtype=self.floatX)
-        self._scratch = attention.allocate(decode.decode_scratch_shapes(Bm, NH, HS, self.S,
-                                                                         self.chunk))
+        self._scratch = decode.decode_scratch(Bm, NH, HS, self.S, self.chunk)
         self._prefill_bufs = {}   # (B, Tp) -> (_Rows, attention saved, attention scratch)
         self._graphs = {}         # (B, settings) -> cupy.cuda.Graph of one decode step
         self._eager_done = set()  # batch sizes whose first step ran eagerly (plans made)
@@ -94,10 +92,12 @@ class GPUDecoder(Decoder):
 
     # -----------------------------------------------------------------------------------------
     def _blocks(self, r: _Rows, R: int, attend) -> None:
-        """r.x (R, C) through every layer; lnf into r.ln. attend(l, qkv (R, 3C), out (R, C))."""
+        """r.x (R, C) through every layer; lnf into r.ln. attend(l, qkv (R, 3C), out (R, C)).
+
+        The fc product applies the GELU in its epilogue (one launch, fchg written once)."""
         p, L = self._p, self.mc.n_layer
         x, res2, ln, mean, rstd = r.x[:R], r.res2[:R], r.ln[:R], r.mean[:R], r.rstd[:R]
-        qkv, atty, btc, fch, fchg = r.qkv[:R], r.atty[:R], r.btc[:R], r.fch[:R], r.fchg[:R]
+        qkv, atty, btc, fchg = r.qkv[:R], r.atty[:R], r.btc[:R], r.fchg[:R]
         layernorm.layernorm_forward(ln, mean, rstd, x, p["ln1w"][0], p["ln1b"][0])
         for l in range(L):
             w = self._pl[l]
@@ -106,8 +106,7 @@ class GPUDecoder(Decoder):
             matmul.matmul_forward(btc, atty, w["attprojw"], w["attprojb"])
             layernorm.fused_residual_layernorm_forward(res2, ln, mean, rstd, x, btc,
                                                        w["ln2w"], w["ln2b"])
-            matmul.matmul_forward(fch, ln, w["fcw"], w["fcb"])
-            gelu.gelu_forward(fchg, fch)
+            matmul.matmul_forward(fchg, ln, w["fcw"], w["fcb"], gelu=True)
             matmul.matmul_forward(btc, fchg, w["fcprojw"], w["fcprojb"])
             nw, nb = ((p["ln1w"][l + 1], p["ln1b"][l + 1]) if l + 1 < L
                       else (p["lnfw"], p["lnfb"]))
@@ -167,7 +166,6 @@ class GPUDecoder(Decoder):
         r = self._rows
 
         def attend(l, qkv, out):
-            decode.kv_append(self.k[l, :B], self.v[l, :B], qkv.reshape(B, 1, -1), self.pos[:B])
             decode.decode_attention(out, qkv, self.k[l, :B], self.v[l, :B], self.pos[:B],
                                     self._scratch_for(B), self.chunk)
 

@@ -2,9 +2,11 @@
 
 - decode_embed: wte[ids[b, pos[b]]] + wpe[pos[b]] for rows at different positions.
 - gather_rows and kv_append: exact copies (bitwise), rows past the cache dropped.
-- decode_attention: against reference.attention_cached over a random cache, each row at its
-  own position (0, a split boundary, mid-split, the last slot), head sizes 64 and 32, chunks
-  of 16 and 64 keys, fp32 and bf16; outputs poisoned with NaN first; bitwise deterministic.
+- decode_attention: writes the newest k and v into the cache (exactly, nothing else touched)
+  and matches reference.attention_cached over the updated cache, each row at its own position
+  (0, a split boundary, mid-split, the last slot), head sizes 64 and 32, chunks of 16 and 64
+  keys, fp32 and bf16; outputs poisoned with NaN first; bitwise deterministic; the per-head
+  split counters end at zero (so the next launch, or a graph replay, starts clean).
 - Validation: an unsupported head size and a wrong scratch are ValueErrors naming the argument.
 
 Run: pytest -m gpu tests/test_decode.py
@@ -68,21 +70,29 @@ def test_gather_rows_and_kv_append_copy_exactly(dtype):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("HS, chunk", [(64, 64), (64, 16), (32, 16)])
 def test_decode_attention(dtype, HS, chunk):
+    """The newest k and v land in the cache at pos[b] and take part in the attention."""
     import cupy
-    from llmc.ops.attention import allocate
-    from llmc.ops.decode import decode_attention, decode_scratch_shapes
+    from llmc.ops.decode import decode_attention, decode_scratch
     B, NH, S = 6, 3, 200
     C = NH * HS
     pos = np.array([0, 15, 16, 63, 117, S - 1], dtype=np.int32)
     qkv, qkv64 = rand((B, 3 * C), dtype, 6)
     k, k64 = rand((B, NH, S, HS), dtype, 7)
     v, v64 = rand((B, NH, S, HS), dtype, 8)
-    scratch = allocate(decode_scratch_shapes(B, NH, HS, S, chunk))
+    heads = qkv64.reshape(B, 3, NH, HS)
+    for b in range(B):
+        k64[b, :, pos[b]] = heads[b, 1]
+        v64[b, :, pos[b]] = heads[b, 2]
+    scratch = decode_scratch(B, NH, HS, S, chunk)
+    kd, vd = device(k), device(v)
     out = poisoned((B, C), dtype)
-    args = (device(qkv), device(k), device(v), cupy.asarray(pos), scratch, chunk)
+    args = (device(qkv), kd, vd, cupy.asarray(pos), scratch, chunk)
     decode_attention(out, *args)
     want = reference.attention_cached(qkv64[:, None, :C], k64, v64, pos)[:, 0]
     assert_close(host(out), want, dtype, "out")
+    np.testing.assert_array_equal(host(kd), k64)  # the new rows exactly, every other row kept
+    np.testing.assert_array_equal(host(vd), v64)
+    assert not cupy.asnumpy(scratch["counters"]).any(), "the split counters must end at zero"
     again = poisoned((B, C), dtype)
     decode_attention(again, *args)
     np.testing.assert_array_equal(host_bits(again), host_bits(out))
@@ -91,14 +101,14 @@ def test_decode_attention(dtype, HS, chunk):
 def test_decode_attention_validation():
     import cupy
     from llmc.ops.attention import allocate
-    from llmc.ops.decode import decode_attention, decode_scratch_shapes
+    from llmc.ops.decode import decode_attention, decode_scratch, decode_scratch_shapes
     B, NH, S, HS = 1, 2, 8, 24  # 24 bf16 = 3 packs: not a power of two
     qkv = cupy.zeros((B, 3 * NH * HS), dtype=DTYPES["bf16"])
     k = cupy.zeros((B, NH, S, HS), dtype=DTYPES["bf16"])
     pos = cupy.zeros((B,), dtype=np.int32)
     out = cupy.zeros((B, NH * HS), dtype=DTYPES["bf16"])
     with pytest.raises(ValueError, match="head size 24"):
-        decode_attention(out, qkv, k, k, pos, allocate(decode_scratch_shapes(B, NH, HS, S)))
+        decode_attention(out, qkv, k, k, pos, decode_scratch(B, NH, HS, S))
     HS = 64
     qkv = cupy.zeros((B, 3 * NH * HS), dtype=DTYPES["bf16"])
     k = cupy.zeros((B, NH, S, HS), dtype=DTYPES["bf16"])

@@ -291,6 +291,26 @@ def test_forward_3d(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(1, 768, 3072), (64, 768, 3072), (37, 40, 96)],
+                         ids=["decode_fc_B1", "decode_fc_B64", "N37C40OC96"])
+def test_forward_gelu_epilogue(shape, dtype):
+    """gelu=True: gelu(x @ w.T + b) with the tanh GELU of llmc.reference (generation's fc)."""
+    from llmc.ops.matmul import matmul_forward
+    N, C, OC = shape
+    rng = np.random.default_rng(N + C + OC + 1)
+    x, x64 = randn(rng, (N, C), dtype)
+    w, w64 = randn(rng, (OC, C), dtype, C ** -0.5)
+    b, b64 = randn(rng, (OC,), dtype)
+    out = poisoned((N, OC), dtype)
+    matmul_forward(out, device(x), device(w), device(b), gelu=True)
+    want = reference.gelu_forward(reference.matmul_forward(x64, w64, b64))
+    assert_close(host(out), want, dtype, "gelu(out)")
+    with pytest.raises(ValueError, match="needs the bias"):
+        matmul_forward(out, device(x), device(w), None, gelu=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(4096, 3072, 768), (37, 40, 96), (1, 8, 96)],
                          ids=["fcproj", "N37C40OC96", "N1C8OC96"])
 def test_backward_dgelu(shape, dtype):

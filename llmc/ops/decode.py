@@ -5,8 +5,9 @@
     kv_append(kcache, vcache (B, NH, S, HS) =, qkv (B, R, 3C), pos int32 (B,))
         rows r of sequence b go to cache position pos[b] + r (positions >= S are dropped)
     decode_attention(out (B, C) =, qkv (B, 3C), kcache, vcache, pos int32 (B,), scratch, chunk)
-        causal attention of each sequence's newest query over its keys 0 .. pos[b]
-    decode_scratch_shapes(B, NH, HS, S, chunk) -> {name: (shape, dtype)}
+        writes the newest token's k and v (in qkv) into the caches at pos[b], then the causal
+        attention of its query over the keys 0 .. pos[b]
+    decode_scratch(B, NH, HS, S, chunk) -> {name: array}    allocated once, counters zeroed
 
 floatX is bf16 or fp32 throughout; pos and ids live on the device, so a captured CUDA graph
 replays the same launches while the positions advance. The attention is split over the cache
@@ -110,13 +111,24 @@ def _splits(S: int, chunk: int) -> int:
 
 
 def decode_scratch_shapes(B: int, NH: int, HS: int, S: int, chunk: int = DEFAULT_CHUNK) -> dict:
-    """Scratch of decode_attention: each split's partial output and (max, sum)."""
+    """{name: (shape, dtype)} of decode_attention's scratch: each split's partial output and
+    (max, sum), and a per-head count of finished splits (must start at zero; the kernel leaves
+    it at zero)."""
     n = _splits(S, chunk)
-    return {"part_o": ((B * NH, n, HS), F32), "part_ml": ((B * NH, n, 2), F32)}
+    return {"part_o": ((B * NH, n, HS), F32), "part_ml": ((B * NH, n, 2), F32),
+            "counters": ((B * NH,), I32)}
+
+
+def decode_scratch(B: int, NH: int, HS: int, S: int, chunk: int = DEFAULT_CHUNK) -> dict:
+    """decode_attention's scratch arrays, zeroed (allocate once, outside a captured step)."""
+    import cupy
+    return {name: cupy.zeros(shape, dtype=dt)
+            for name, (shape, dt) in decode_scratch_shapes(B, NH, HS, S, chunk).items()}
 
 
 def decode_attention(out, qkv, kcache, vcache, pos, scratch, chunk: int = DEFAULT_CHUNK):
-    """out (B, C) = causal attention of the query in qkv (B, 3C) over cache keys 0 .. pos[b]."""
+    """kcache/vcache[b, :, pos[b]] = k, v of qkv (B, 3C); out (B, C) = causal attention of its
+    query over the cache keys 0 .. pos[b]. scratch: decode_scratch(B, NH, HS, S, chunk)."""
     dt = dtype_name(qkv, "qkv")
     check("qkv", qkv, (None, None), FLOATX)
     B, C3 = qkv.shape
@@ -138,19 +150,17 @@ def decode_attention(out, qkv, kcache, vcache, pos, scratch, chunk: int = DEFAUL
     n = _splits(S, chunk)
     shapes = decode_scratch_shapes(B, NH, HS, S, chunk)
     if not isinstance(scratch, dict):
-        raise ValueError(f"scratch: expected a dict as decode_scratch_shapes gives, got "
+        raise ValueError(f"scratch: expected a dict as decode_scratch gives, got "
                          f"{type(scratch).__name__}")
     for name, (shape, dtype) in shapes.items():
         check(f"scratch[{name!r}]", scratch.get(name), shape, dtype)
     if B == 0:
         return out
-    kernels.function("decode", "decode_attention_partial", dt)(
+    check_aligned("kcache", kcache)
+    kernels.function("decode", "decode_attention", dt)(
         (n, B * NH), (ATTENTION_THREADS,),
-        (scratch["part_o"], scratch["part_ml"], qkv, kcache, vcache, pos, np.int32(NH),
-         np.int32(HS), np.int32(S), np.int32(chunk), np.float32(math.log2(math.e) / math.sqrt(HS))),
+        (out, scratch["part_o"], scratch["part_ml"], scratch["counters"], kcache, vcache, qkv, pos,
+         np.int32(NH), np.int32(HS), np.int32(S), np.int32(chunk),
+         np.float32(math.log2(math.e) / math.sqrt(HS))),
         shared_mem=4 * int(chunk))
-    kernels.function("decode", "decode_attention_combine", dt)(
-        (B * NH,), (min(128, max(32, HS)),),
-        (out, scratch["part_o"], scratch["part_ml"], pos, np.int32(NH), np.int32(HS),
-         np.int32(chunk), np.int32(n)))
     return out

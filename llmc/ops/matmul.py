@@ -1,8 +1,9 @@
 """Linear layer launchers: cuBLASLt products with fused epilogues (llmc/cublaslt.py) plus
 kernels/matmul.cu for the bias gradient.
 
-    matmul_forward(out (N,OC), inp (N,C), weight (OC,C), bias (OC,) | None)
+    matmul_forward(out (N,OC), inp (N,C), weight (OC,C), bias (OC,) | None, *, gelu=False)
         out = inp @ weight.T + bias                      (cuBLASLt's bias epilogue)
+        with gelu: out = gelu(inp @ weight.T + bias)     (its GELU_BIAS epilogue; generation)
     matmul_backward(dinp (N,C) =, dweight (OC,C) +=, dbias (OC,) += | None, dout (N,OC), inp,
                     weight, scratch, *, pre_gelu=None)
         dinp = dout @ weight ; dweight += dout.T @ inp ; dbias += sum over rows of dout
@@ -39,8 +40,13 @@ def _as_rows(name, x, cols=None):
     return x.reshape(-1, x.shape[-1])
 
 
-def matmul_forward(out, inp, weight, bias=None):
-    """out (N,OC) = inp (N,C) @ weight (OC,C).T (+ bias (OC,)); floatX, fp32 accumulation."""
+def matmul_forward(out, inp, weight, bias=None, *, gelu: bool = False):
+    """out (N,OC) = inp (N,C) @ weight (OC,C).T (+ bias (OC,)); floatX, fp32 accumulation.
+
+    gelu=True: out = gelu(inp @ weight.T + bias), the tanh GELU applied to the fp32 accumulator
+    in cuBLASLt's epilogue (text generation; training keeps fch and runs our gelu kernel, so
+    that recompute=1 rebuilds the same bits). Needs the bias.
+    """
     dt = dtype_name(weight, "weight")
     check("weight", weight, (None, None), dt)
     OC, C = weight.shape
@@ -53,8 +59,11 @@ def matmul_forward(out, inp, weight, bias=None):
                          f"got shape {tuple(out.shape)}")
     if bias is not None:
         check("bias", bias, (OC,), dt)
-    cublaslt.matmul(y, x, weight, trans_b=True, epilogue="default" if bias is None else "bias",
-                    bias=bias)
+    if gelu and bias is None:
+        raise ValueError("bias: matmul_forward(gelu=True) needs the bias (the epilogue adds it "
+                         "before the GELU)")
+    epilogue = "gelu_bias" if gelu else ("default" if bias is None else "bias")
+    cublaslt.matmul(y, x, weight, trans_b=True, epilogue=epilogue, bias=bias)
     return out
 
 

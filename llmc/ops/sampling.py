@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmc import kernels
-from llmc.ops import FLOATX, I32, check, dtype_name, set_dynamic_smem
+from llmc.ops import FLOATX, I32, check, check_aligned, dtype_name, set_dynamic_smem
 
 THREADS = 1024  # SAMPLE_THREADS in the kernel
 HIST_BYTES = (THREADS // 32) * 256 * 8  # per-warp radix histograms, 64-bit bins
@@ -44,6 +44,10 @@ def sample_tokens(ids, pos, logits, V: int, *, temperature: float = 1.0, top_k: 
     check("pos", pos, (B,), I32)
     if not 0 < int(V) <= Vp:
         raise ValueError(f"V: expected 1 <= V <= Vp = {Vp}, got {V}")
+    if (Vp * logits.itemsize) % 16 != 0:
+        raise ValueError(f"logits: rows must be a multiple of 16 bytes for 128-bit access, got "
+                         f"Vp = {Vp} of {logits.dtype}")
+    check_aligned("logits", logits)
     if B == 0:
         return ids
     kernel = kernels.function("sampling", "sample_rows", dtype_name(logits, "logits"))
