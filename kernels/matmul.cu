@@ -1,5 +1,6 @@
-/* Matmul bias gradient: the part of a linear layer that cuBLASLt does not do well
-   (llmc/cublaslt.py does the products, the forward's bias and the fused GELU backward).
+/* Matmul bias gradient, and few-row products: the parts of a linear layer that cuBLASLt does
+   not do well (llmc/cublaslt.py does the products, the forward's bias and the fused GELU
+   backward).
 
    forward:  out = inp @ weight.T + bias       (cuBLASLt, bias epilogue)
    backward: dbias[oc] += sum over n of dout[n, oc]
@@ -60,4 +61,63 @@ extern "C" __global__ void bias_backward_reduce(floatX* dbias, const float* part
     const int col = blockIdx.x * 32 + threadIdx.x;
     if (threadIdx.y != 0 || col >= OC) return;
     dbias[col] = from_float<floatX>(to_float(dbias[col]) + sum);
+}
+
+// Few-row products (text generation): out (M, OC) = inp (M, C) @ weight (OC, C)^T (+ bias),
+// with the tanh GELU applied when `gelu` is set, M <= MV_MAX_ROWS. At such M the whole cost is
+// reading the weights once, which cuBLAS's small-M kernels do at ~1 TB/s for GPT-2's layer
+// shapes; here the weights stream through 16-byte loads from every SM. Block: 256 threads =
+// MV_G columns x tpc threads per column (tpc a power of two >= 32 chosen by the launcher);
+// a thread dots its packs of the weight row with the M input rows (kept as floatX in dynamic
+// shared memory, M * C), then the column's threads reduce in a fixed order.
+#define MV_MAX_ROWS 8
+#define MV_THREADS 256
+extern "C" __global__ void __launch_bounds__(MV_THREADS)
+matvec_forward(floatX* __restrict__ out, const floatX* __restrict__ inp,
+               const floatX* __restrict__ weight, const floatX* __restrict__ bias, int M, int C,
+               int OC, int tpc, int gelu) {
+    extern __shared__ __align__(16) unsigned char mv_smem[];
+    floatX* xs = reinterpret_cast<floatX*>(mv_smem);
+    __shared__ float red[MV_MAX_ROWS][MV_THREADS / 32];
+    const int packs = C / x128::size;
+    for (int i = threadIdx.x; i < M * packs; i += MV_THREADS)
+        store128(xs + i * x128::size, load128(inp + (long long)i * x128::size));
+    __syncthreads();
+    const int col = threadIdx.x / tpc, t = threadIdx.x % tpc;
+    const int o = blockIdx.x * (MV_THREADS / tpc) + col;
+    float acc[MV_MAX_ROWS];
+#pragma unroll
+    for (int m = 0; m < MV_MAX_ROWS; m++) acc[m] = 0.0f;
+    if (o < OC) {
+        const floatX* wrow = weight + (long long)o * C;
+#pragma unroll 4
+        for (int p = t; p < packs; p += tpc) {
+            const x128 w = load128cs(wrow + p * x128::size);
+#pragma unroll
+            for (int m = 0; m < MV_MAX_ROWS; m++) {
+                if (m >= M) break;
+                const x128 x = load128(xs + m * C + p * x128::size);
+#pragma unroll
+                for (int e = 0; e < x128::size; e++) acc[m] = fmaf(to_float(w[e]), to_float(x[e]), acc[m]);
+            }
+        }
+    }
+    // Reduce over the column's tpc threads: within each warp, then over its warps in order.
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, wpc = tpc / 32;
+#pragma unroll
+    for (int m = 0; m < MV_MAX_ROWS; m++) {
+        if (m >= M) break;
+        const float s = warp_sum(acc[m]);
+        if (lane == 0) red[m][warp] = s;
+    }
+    __syncthreads();
+    if (t == 0 && o < OC) {
+        const float b = bias != nullptr ? to_float(bias[o]) : 0.0f;
+        for (int m = 0; m < M; m++) {
+            float v = b;
+            for (int w = 0; w < wpc; w++) v += red[m][col * wpc + w];
+            if (gelu) v = 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+            out[(long long)m * OC + o] = from_float<floatX>(v);
+        }
+    }
 }

@@ -56,23 +56,45 @@ __device__ __forceinline__ u64 block_sum_u64(u64 v, u64* scratch) {
 
 // The largest key tau with weight(keys >= tau) >= target, among tokens with key >= floor_key;
 // weight = 1 per token (count) or its fixed-point probability. Each warp histograms into its own
-// 256 bins (`hist`, 32 x 256 in dynamic shared memory): the keys of one row share their top
-// bits, and a single block-wide histogram made every thread of the block wait on the same bin.
+// 256 bins (`hist`, 32 x 256 in dynamic shared memory), so warps never wait on each other's bins.
 __device__ unsigned radix_select(const floatX* row, int V, float zscale, float zmax, bool count,
                                  unsigned floor_key, u64 target, u64* hist, u64* total,
                                  unsigned* shared_sel, u64* shared_rem) {
     unsigned prefix = 0, mask = 0;
     u64* mine = hist + (threadIdx.x / 32) * 256;
+    const int lane = threadIdx.x % 32, packs = (V + x128::size - 1) / x128::size;
     if (threadIdx.x == 0) *shared_rem = target;
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = threadIdx.x; i < 32 * 256; i += SAMPLE_THREADS) hist[i] = 0ull;
         __syncthreads();
-        for_my_logits(row, V, zscale, [&](int, float z) {
-            const unsigned key = order_key(z);
-            if (key < floor_key || (key & mask) != prefix) return;
-            const u64 w = count ? 1ull : (u64)llrintf(exp2f(z - zmax) * 4294967296.0f);
-            if (w) atomicAdd(&mine[(key >> shift) & 255u], w);
-        });
+        // The keys of one row share their top bits, so most lanes of a warp hit one bin: the
+        // lanes of a bin add their weights by shuffles (in lane order) and one of them does the
+        // atomic. Every lane runs the same trips, as the warp-wide intrinsics need.
+        for (int base = 0; base < packs; base += SAMPLE_THREADS) {
+            const int p = base + threadIdx.x;
+            x128 x;
+#pragma unroll
+            for (int e = 0; e < x128::size; e++) x[e] = from_float<floatX>(0.0f);
+            if (p < packs) x = load128(row + p * x128::size);
+#pragma unroll
+            for (int e = 0; e < x128::size; e++) {
+                const float z = to_float(x[e]) * zscale;
+                const unsigned key = order_key(z), bin = (key >> shift) & 255u;
+                bool take = p < packs && p * x128::size + e < V && key >= floor_key &&
+                            (key & mask) == prefix;
+                const u64 w = !take ? 0ull : count ? 1ull
+                                                   : (u64)llrintf(exp2f(z - zmax) * 4294967296.0f);
+                take = take && w != 0ull;
+                const unsigned active = __ballot_sync(0xffffffffu, take);
+                if (take) {
+                    const unsigned peers = __match_any_sync(active, bin);
+                    u64 sum = 0ull;
+                    for (unsigned rest = peers; rest; rest &= rest - 1)
+                        sum += __shfl_sync(peers, w, __ffs(rest) - 1);
+                    if (lane == __ffs(peers) - 1) atomicAdd(&mine[bin], sum);
+                }
+            }
+        }
         __syncthreads();
         if (threadIdx.x < 256) {
             u64 t = 0;
@@ -80,15 +102,29 @@ __device__ unsigned radix_select(const floatX* row, int V, float zscale, float z
             total[threadIdx.x] = t;
         }
         __syncthreads();
-        if (threadIdx.x == 0) {
-            u64 above = 0, rem = *shared_rem;
-            int sel = 0;
-            for (int d = 255; d >= 0; d--) {
-                if (above + total[d] >= rem) { sel = d; break; }
-                above += total[d];
+        if (threadIdx.x < 32) {  // warp 0: the bin where the weight from the top reaches rem
+            const u64 rem = *shared_rem;
+            u64 eight = 0;  // lane l owns bins 255 - 8l down to 248 - 8l
+#pragma unroll
+            for (int j = 0; j < 8; j++) eight += total[255 - 8 * lane - j];
+            u64 incl = eight;
+            for (int o = 1; o < 32; o <<= 1) {
+                const u64 n = __shfl_up_sync(0xffffffffu, incl, o);
+                if (lane >= o) incl += n;
             }
-            *shared_rem = rem - above;
-            *shared_sel = (unsigned)sel;
+            const bool here = incl - eight < rem && incl >= rem;
+            if (__ballot_sync(0xffffffffu, here) == 0u && lane == 0) *shared_sel = 0u;  // unreachable
+            if (here) {
+                u64 above = incl - eight;
+                int sel = 248 - 8 * lane;
+                for (int j = 0; j < 8; j++) {
+                    const int d = 255 - 8 * lane - j;
+                    if (above + total[d] >= rem) { sel = d; break; }
+                    above += total[d];
+                }
+                *shared_rem = rem - above;
+                *shared_sel = (unsigned)sel;
+            }
         }
         __syncthreads();
         prefix |= *shared_sel << shift;

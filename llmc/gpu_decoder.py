@@ -98,16 +98,18 @@ class GPUDecoder(Decoder):
         p, L = self._p, self.mc.n_layer
         x, res2, ln, mean, rstd = r.x[:R], r.res2[:R], r.ln[:R], r.mean[:R], r.rstd[:R]
         qkv, atty, btc, fchg = r.qkv[:R], r.atty[:R], r.btc[:R], r.fchg[:R]
+        # a few rows (batch-1 decoding): our weight-streaming kernel; else cuBLASLt
+        mm = matmul.matvec_forward if R <= matmul.MATVEC_MAX_ROWS else matmul.matmul_forward
         layernorm.layernorm_forward(ln, mean, rstd, x, p["ln1w"][0], p["ln1b"][0])
         for l in range(L):
             w = self._pl[l]
-            matmul.matmul_forward(qkv, ln, w["qkvw"], w["qkvb"])
+            mm(qkv, ln, w["qkvw"], w["qkvb"])
             attend(l, qkv, atty)
-            matmul.matmul_forward(btc, atty, w["attprojw"], w["attprojb"])
+            mm(btc, atty, w["attprojw"], w["attprojb"])
             layernorm.fused_residual_layernorm_forward(res2, ln, mean, rstd, x, btc,
                                                        w["ln2w"], w["ln2b"])
-            matmul.matmul_forward(fchg, ln, w["fcw"], w["fcb"], gelu=True)
-            matmul.matmul_forward(btc, fchg, w["fcprojw"], w["fcprojb"])
+            mm(fchg, ln, w["fcw"], w["fcb"], gelu=True)
+            mm(btc, fchg, w["fcprojw"], w["fcprojb"])
             nw, nb = ((p["ln1w"][l + 1], p["ln1b"][l + 1]) if l + 1 < L
                       else (p["lnfw"], p["lnfb"]))
             layernorm.fused_residual_layernorm_forward(x, ln, mean, rstd, res2, btc, nw, nb)

@@ -311,6 +311,31 @@ def test_forward_gelu_epilogue(shape, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("gelu", [False, True], ids=["plain", "gelu"])
+@pytest.mark.parametrize("shape", [(1, 768, 2304), (8, 3072, 768), (3, 768, 3072), (5, 40, 97)],
+                         ids=["qkv_B1", "fcproj_B8", "fc_B3", "M5C40OC97"])
+def test_matvec_forward(shape, gelu, dtype):
+    """The few-row kernel of generation against the reference (with and without bias/GELU)."""
+    from llmc.ops.matmul import matvec_forward
+    M, C, OC = shape
+    rng = np.random.default_rng(M + C + OC + 2)
+    x, x64 = randn(rng, (M, C), dtype)
+    w, w64 = randn(rng, (OC, C), dtype, C ** -0.5)
+    b, b64 = randn(rng, (OC,), dtype)
+    for bias in ((True, False) if not gelu else (True,)):
+        out = poisoned((M, OC), dtype)
+        matvec_forward(out, device(x), device(w), device(b) if bias else None, gelu=gelu)
+        want = reference.matmul_forward(x64, w64, b64 if bias else None)
+        if gelu:
+            want = reference.gelu_forward(want)
+        assert_close(host(out), want, dtype, "out")
+    with pytest.raises(ValueError, match="1 to 8 rows"):
+        matvec_forward(poisoned((9, OC), dtype), device(np.zeros((9, C), DTYPES[dtype])),
+                       device(w))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(4096, 3072, 768), (37, 40, 96), (1, 8, 96)],
                          ids=["fcproj", "N37C40OC96", "N1C8OC96"])
 def test_backward_dgelu(shape, dtype):

@@ -4,6 +4,8 @@ kernels/matmul.cu for the bias gradient.
     matmul_forward(out (N,OC), inp (N,C), weight (OC,C), bias (OC,) | None, *, gelu=False)
         out = inp @ weight.T + bias                      (cuBLASLt's bias epilogue)
         with gelu: out = gelu(inp @ weight.T + bias)     (its GELU_BIAS epilogue; generation)
+    matvec_forward(out (M,OC), inp (M,C), weight, bias | None, *, gelu=False)    M <= 8 rows
+        the same product by our kernel (kernels/matmul.cu): generation's one row per sequence
     matmul_backward(dinp (N,C) =, dweight (OC,C) +=, dbias (OC,) += | None, dout (N,OC), inp,
                     weight, scratch, *, pre_gelu=None)
         dinp = dout @ weight ; dweight += dout.T @ inp ; dbias += sum over rows of dout
@@ -24,7 +26,7 @@ import numpy as np
 
 from llmc import cublaslt, kernels
 from llmc.ops import (ceil_div, check, check_aligned, check_same, check_scratch, dtype_name,
-                      pack_size)
+                      pack_size, set_dynamic_smem)
 
 DBIAS_BY = 8            # thread rows of a bias_backward_partial block
 DBIAS_MIN_ROWS = 64     # rows per block at least
@@ -143,3 +145,43 @@ def bias_backward(dbias, dout, scratch):
     check_aligned("dout", dout)
     partial = check_scratch("scratch", scratch, matmul_backward_scratch_size(g.shape[0], OC))
     _bias_backward(dbias, g, partial, dt)
+
+
+MATVEC_MAX_ROWS = 8   # MV_MAX_ROWS in kernels/matmul.cu
+MATVEC_THREADS = 256
+
+
+def matvec_forward(out, inp, weight, bias=None, *, gelu: bool = False):
+    """out (M,OC) = inp (M,C) @ weight (OC,C).T (+ bias) [then tanh GELU], M <= 8 rows.
+
+    The few-row product of text generation (one row per sequence): our kernel streams the
+    weights once with 16-byte loads; same contract as matmul_forward (fp32 accumulation, one
+    rounding of out), for M <= MATVEC_MAX_ROWS and C a multiple of the 128-bit pack.
+    """
+    dt = dtype_name(weight, "weight")
+    check("weight", weight, (None, None), dt)
+    OC, C = weight.shape
+    x = _as_rows("inp", check("inp", inp, dtype=dt), C)
+    y = _as_rows("out", check("out", out, dtype=dt), OC)
+    M = x.shape[0]
+    if y.shape[0] != M:
+        raise ValueError(f"out: expected {M} rows (those of inp {tuple(inp.shape)}), got shape "
+                         f"{tuple(out.shape)}")
+    if not 1 <= M <= MATVEC_MAX_ROWS:
+        raise ValueError(f"inp: matvec_forward takes 1 to {MATVEC_MAX_ROWS} rows, got {M}; use "
+                         f"matmul_forward")
+    if C % pack_size(dt) != 0:
+        raise ValueError(f"weight: C = {C} must be a multiple of {pack_size(dt)} for {dt}")
+    if bias is not None:
+        check("bias", bias, (OC,), dt)
+    for name, a in (("inp", inp), ("weight", weight)):
+        check_aligned(name, a)
+    packs = C // pack_size(dt)
+    tpc = min(MATVEC_THREADS, max(32, 1 << max(0, (packs // 2 - 1).bit_length())))
+    kernel = kernels.function("matmul", "matvec_forward", dt)
+    smem = M * C * weight.itemsize
+    set_dynamic_smem(kernel, smem)
+    kernel((ceil_div(OC, MATVEC_THREADS // tpc),), (MATVEC_THREADS,),
+           (y, x, weight, bias if bias is not None else np.uint64(0), np.int32(M), np.int32(C),
+            np.int32(OC), np.int32(tpc), np.int32(1 if gelu else 0)), shared_mem=smem)
+    return out
