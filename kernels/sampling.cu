@@ -67,9 +67,9 @@ __device__ unsigned radix_select(const floatX* row, int V, float zscale, float z
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = threadIdx.x; i < 32 * 256; i += SAMPLE_THREADS) hist[i] = 0ull;
         __syncthreads();
-        // The keys of one row share their top bits, so most lanes of a warp hit one bin: the
-        // lanes of a bin add their weights by shuffles (in lane order) and one of them does the
-        // atomic. Every lane runs the same trips, as the warp-wide intrinsics need.
+        // The keys of one row share their top bits, so a warp's lanes mostly hit one bin: then
+        // the warp adds its weights with warp reductions and one lane does the atomic. Every
+        // lane runs the same trips, as the warp-wide intrinsics need.
         for (int base = 0; base < packs; base += SAMPLE_THREADS) {
             const int p = base + threadIdx.x;
             x128 x;
@@ -86,12 +86,23 @@ __device__ unsigned radix_select(const floatX* row, int V, float zscale, float z
                                                    : (u64)llrintf(exp2f(z - zmax) * 4294967296.0f);
                 take = take && w != 0ull;
                 const unsigned active = __ballot_sync(0xffffffffu, take);
-                if (take) {
-                    const unsigned peers = __match_any_sync(active, bin);
-                    u64 sum = 0ull;
-                    for (unsigned rest = peers; rest; rest &= rest - 1)
-                        sum += __shfl_sync(peers, w, __ffs(rest) - 1);
-                    if (lane == __ffs(peers) - 1) atomicAdd(&mine[bin], sum);
+                if (active == 0u) continue;
+                const int leader = __ffs(active) - 1;
+                const unsigned lbin = __shfl_sync(0xffffffffu, bin, leader);
+                if (__all_sync(0xffffffffu, !take || bin == lbin)) {
+                    // one bin for the whole warp (the usual case): one atomic; weights up to
+                    // 2^32 are added as 16-bit parts so the 32-bit warp sums cannot overflow
+                    u64 sum = __popc(active);
+                    if (!count) {
+                        const unsigned all = 0xffffffffu;
+                        const unsigned lo = __reduce_add_sync(all, (unsigned)(w & 0xffffu));
+                        const unsigned mid = __reduce_add_sync(all, (unsigned)((w >> 16) & 0xffffu));
+                        const unsigned hi = __reduce_add_sync(all, (unsigned)(w >> 32));
+                        sum = (u64)lo + ((u64)mid << 16) + ((u64)hi << 32);
+                    }
+                    if (lane == leader) atomicAdd(&mine[lbin], sum);
+                } else if (take) {
+                    atomicAdd(&mine[bin], w);
                 }
             }
         }

@@ -180,7 +180,7 @@ def matvec_forward(out, inp, weight, bias=None, *, gelu: bool = False):
     tpc = min(MATVEC_THREADS, max(32, 1 << max(0, (packs // 2 - 1).bit_length())))
     kernel = kernels.function("matmul", "matvec_forward", dt)
     smem = M * C * weight.itemsize
-    set_dynamic_smem(kernel, smem)
+    set_dynamic_smem(kernel, smem + 1024)  # + the kernel's static reduction buffer
     kernel((ceil_div(OC, MATVEC_THREADS // tpc),), (MATVEC_THREADS,),
            (y, x, weight, bias if bias is not None else np.uint64(0), np.int32(M), np.int32(C),
             np.int32(OC), np.int32(tpc), np.int32(1 if gelu else 0)), shared_mem=smem)
