@@ -10,8 +10,8 @@
 // Then ids[b, pos[b] + 1] = tok and pos[b] += 1.   logits (B, ld) floatX; ids (B, S) int32.
 //
 // One block of 1024 threads per row, no sort: both thresholds come from a radix select over
-// the order-preserving 32-bit keys of z (four passes of 8 bits with per-warp shared-memory
-// histograms, 64 KiB of dynamic shared memory),
+// order-preserving keys of the logits (16 bits for bf16, 32 for fp32: two or four passes of 8
+// bits with per-warp shared-memory histograms, 64 KiB of dynamic shared memory),
 // counting tokens for top-k and summing probability for top-p. Probabilities are fixed point,
 // w_v = round(2^32 * 2^((z_v - max z) * log2 e)) in 64-bit integers, so every sum is exact and
 // the choice is deterministic; a token more than 22 nats below the best (w = 0) is never drawn.
@@ -23,12 +23,21 @@
 #define SAMPLE_THREADS 1024
 typedef unsigned long long u64;
 
+// Order-preserving unsigned keys of the stored logits (z = logit / temperature has the same
+// order): a bf16 logit's 16 bits give a 16-bit key, so the radix select needs two passes of 8
+// bits instead of four.
 __device__ __forceinline__ unsigned order_key(float x) {
     const unsigned u = __float_as_uint(x);
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
+__device__ __forceinline__ unsigned order_key(__nv_bfloat16 x) {
+    const unsigned u = __bfloat16_as_ushort(x);
+    return (u & 0x8000u) ? (~u & 0xffffu) : (u | 0x8000u);
+}
+#define KEY_BITS (8 * (int)sizeof(floatX))
 
-// f(v, z) for this thread's ids, as z = logits[v] * zscale: 16-byte loads of the pack ids
+// f(v, z, key) for this thread's ids, z = logits[v] * zscale and key = order_key(logits[v]):
+// 16-byte loads of the pack ids
 // p = tid, tid + 1024, ..., each pack's ids in order (the fixed order every pass walks).
 template <typename F>
 __device__ __forceinline__ void for_my_logits(const floatX* row, int V, float zscale, F f) {
@@ -38,7 +47,7 @@ __device__ __forceinline__ void for_my_logits(const floatX* row, int V, float zs
 #pragma unroll
         for (int e = 0; e < x128::size; e++) {
             const int v = p * x128::size + e;
-            if (v < V) f(v, to_float(x[e]) * zscale);
+            if (v < V) f(v, to_float(x[e]) * zscale, order_key(x[e]));
         }
     }
 }
@@ -64,7 +73,7 @@ __device__ unsigned radix_select(const floatX* row, int V, float zscale, float z
     u64* mine = hist + (threadIdx.x / 32) * 256;
     const int lane = threadIdx.x % 32, packs = (V + x128::size - 1) / x128::size;
     if (threadIdx.x == 0) *shared_rem = target;
-    for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int shift = KEY_BITS - 8; shift >= 0; shift -= 8) {
         for (int i = threadIdx.x; i < 32 * 256; i += SAMPLE_THREADS) hist[i] = 0ull;
         __syncthreads();
         // The keys of one row share their top bits, so a warp's lanes mostly hit one bin: then
@@ -79,7 +88,7 @@ __device__ unsigned radix_select(const floatX* row, int V, float zscale, float z
 #pragma unroll
             for (int e = 0; e < x128::size; e++) {
                 const float z = to_float(x[e]) * zscale;
-                const unsigned key = order_key(z), bin = (key >> shift) & 255u;
+                const unsigned key = order_key(x[e]), bin = (key >> shift) & 255u;
                 bool take = p < packs && p * x128::size + e < V && key >= floor_key &&
                             (key & mask) == prefix;
                 const u64 w = !take ? 0ull : count ? 1ull
@@ -161,7 +170,7 @@ sample_rows(int* __restrict__ ids, int* __restrict__ pos, const floatX* __restri
     if (temperature <= 0.0f) {  // greedy: (value, id) maxima, lowest id among equal values
         float best = NEG_INF;
         int arg = 0x7fffffff;
-        for_my_logits(row, V, 1.0f, [&](int v, float z) {
+        for_my_logits(row, V, 1.0f, [&](int v, float z, unsigned) {
             if (z > best || (z == best && v < arg)) { best = z; arg = v; }
         });
         for (int o = 16; o > 0; o >>= 1) {
@@ -188,7 +197,7 @@ sample_rows(int* __restrict__ ids, int* __restrict__ pos, const floatX* __restri
 
     const float zscale = 1.4426950408889634f / temperature;  // z in log2 units
     float zmax = NEG_INF;
-    for_my_logits(row, V, zscale, [&](int, float z) { zmax = fmaxf(zmax, z); });
+    for_my_logits(row, V, zscale, [&](int, float z, unsigned) { zmax = fmaxf(zmax, z); });
     zmax = block_max(zmax, fred);
 
     unsigned floor_key = 0;
@@ -197,8 +206,8 @@ sample_rows(int* __restrict__ ids, int* __restrict__ pos, const floatX* __restri
                                  &rem);
     if (top_p < 1.0f) {
         u64 mass = 0;
-        for_my_logits(row, V, zscale, [&](int, float z) {
-            if (order_key(z) >= floor_key) mass += (u64)llrintf(exp2f(z - zmax) * 4294967296.0f);
+        for_my_logits(row, V, zscale, [&](int, float z, unsigned key) {
+            if (key >= floor_key) mass += (u64)llrintf(exp2f(z - zmax) * 4294967296.0f);
         });
         mass = block_sum_u64(mass, red);
         const u64 target = (u64)ceil((double)top_p * (double)mass);
@@ -208,8 +217,8 @@ sample_rows(int* __restrict__ ids, int* __restrict__ pos, const floatX* __restri
 
     // Kept mass per thread over its ids v = tid, tid + 1024, ...; an exclusive scan over threads.
     u64 mine = 0;
-    for_my_logits(row, V, zscale, [&](int, float z) {
-        if (order_key(z) >= floor_key) mine += (u64)llrintf(exp2f(z - zmax) * 4294967296.0f);
+    for_my_logits(row, V, zscale, [&](int, float z, unsigned key) {
+        if (key >= floor_key) mine += (u64)llrintf(exp2f(z - zmax) * 4294967296.0f);
     });
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     u64 incl = mine;
@@ -234,8 +243,8 @@ sample_rows(int* __restrict__ ids, int* __restrict__ pos, const floatX* __restri
     if (mine > 0 && target >= before && target < before + mine) {
         u64 c = before;
         bool found = false;
-        for_my_logits(row, V, zscale, [&](int v, float z) {
-            if (found || order_key(z) < floor_key) return;
+        for_my_logits(row, V, zscale, [&](int v, float z, unsigned key) {
+            if (found || key < floor_key) return;
             c += (u64)llrintf(exp2f(z - zmax) * 4294967296.0f);
             if (c > target) { pick = v; found = true; }
         });
