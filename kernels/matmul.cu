@@ -67,22 +67,22 @@ extern "C" __global__ void bias_backward_reduce(floatX* dbias, const float* part
 // with the tanh GELU applied when `gelu` is set, M <= MV_MAX_ROWS. At such M the whole cost is
 // reading the weights once, which cuBLAS's small-M kernels do at ~1 TB/s for GPT-2's layer
 // shapes; here the weights stream through 16-byte loads from every SM. Block: 256 threads =
-// MV_G columns x tpc threads per column (tpc a power of two >= 32 chosen by the launcher);
-// a thread dots its packs of the weight row with the M input rows (kept as floatX in dynamic
-// shared memory, M * C), then the column's threads reduce in a fixed order.
+// MV_THREADS / tpc columns x tpc threads per column (tpc a power of two >= 32 chosen by the
+// launcher); a thread dots its packs of the weight row with the M input rows (kept as floatX in
+// dynamic shared memory, M * C), then the column's threads reduce in a fixed order.
+//   matvec_layernorm_forward: the same product of LayerNorm(inp1 + inp2) (inp2 may be null),
+//   the residual inp1 + inp2 rounded to floatX and stored by block 0 (as the fused residual
+//   LayerNorm kernel stores it); every block normalizes the M rows itself, one warp a row,
+//   which at M <= 8 costs less than the launch it saves.
 #define MV_MAX_ROWS 8
 #define MV_THREADS 256
-extern "C" __global__ void __launch_bounds__(MV_THREADS)
-matvec_forward(floatX* __restrict__ out, const floatX* __restrict__ inp,
-               const floatX* __restrict__ weight, const floatX* __restrict__ bias, int M, int C,
-               int OC, int tpc, int gelu) {
-    extern __shared__ __align__(16) unsigned char mv_smem[];
-    floatX* xs = reinterpret_cast<floatX*>(mv_smem);
+
+__device__ __forceinline__ void matvec_rows(floatX* __restrict__ out, const floatX* xs,
+                                            const floatX* __restrict__ weight,
+                                            const floatX* __restrict__ bias, int M, int C, int OC,
+                                            int tpc, int gelu) {
     __shared__ float red[MV_MAX_ROWS][MV_THREADS / 32];
     const int packs = C / x128::size;
-    for (int i = threadIdx.x; i < M * packs; i += MV_THREADS)
-        store128(xs + i * x128::size, load128(inp + (long long)i * x128::size));
-    __syncthreads();
     const int col = threadIdx.x / tpc, t = threadIdx.x % tpc;
     const int o = blockIdx.x * (MV_THREADS / tpc) + col;
     float acc[MV_MAX_ROWS];
@@ -120,4 +120,64 @@ matvec_forward(floatX* __restrict__ out, const floatX* __restrict__ inp,
             out[(long long)m * OC + o] = from_float<floatX>(v);
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(MV_THREADS)
+matvec_forward(floatX* __restrict__ out, const floatX* __restrict__ inp,
+               const floatX* __restrict__ weight, const floatX* __restrict__ bias, int M, int C,
+               int OC, int tpc, int gelu) {
+    extern __shared__ __align__(16) unsigned char mv_smem[];
+    floatX* xs = reinterpret_cast<floatX*>(mv_smem);
+    for (int i = threadIdx.x; i < M * (C / x128::size); i += MV_THREADS)
+        store128(xs + i * x128::size, load128(inp + (long long)i * x128::size));
+    __syncthreads();
+    matvec_rows(out, xs, weight, bias, M, C, OC, tpc, gelu);
+}
+
+extern "C" __global__ void __launch_bounds__(MV_THREADS)
+matvec_layernorm_forward(floatX* __restrict__ out, floatX* __restrict__ residual,
+                         const floatX* __restrict__ inp1, const floatX* __restrict__ inp2,
+                         const floatX* __restrict__ ln_weight, const floatX* __restrict__ ln_bias,
+                         const floatX* __restrict__ weight, const floatX* __restrict__ bias,
+                         int M, int C, int OC, int tpc, int gelu, float eps) {
+    extern __shared__ __align__(16) unsigned char mv_smem[];
+    floatX* xs = reinterpret_cast<floatX*>(mv_smem);
+    const int lane = threadIdx.x % 32, m = threadIdx.x / 32;
+    if (m < M) {  // warp m: row m; a lane reads back only the packs it wrote
+        floatX* row = xs + m * C;
+        float sum = 0.0f;
+        for (int c = lane * x128::size; c < C; c += 32 * x128::size) {
+            x128 x = load128(inp1 + (long long)m * C + c);
+            if (inp2 != nullptr) {
+                const x128 y = load128(inp2 + (long long)m * C + c);
+#pragma unroll
+                for (int k = 0; k < x128::size; k++) x[k] = from_float<floatX>(to_float(x[k]) + to_float(y[k]));
+                if (blockIdx.x == 0) store128(residual + (long long)m * C + c, x);
+            }
+            store128(row + c, x);
+#pragma unroll
+            for (int k = 0; k < x128::size; k++) sum += to_float(x[k]);
+        }
+        const float mean = warp_sum(sum) / C;
+        float var = 0.0f;
+        for (int c = lane * x128::size; c < C; c += 32 * x128::size) {
+            const x128 x = load128(row + c);
+#pragma unroll
+            for (int k = 0; k < x128::size; k++) {
+                const float d = to_float(x[k]) - mean;
+                var += d * d;
+            }
+        }
+        const float rs = rsqrtf(warp_sum(var) / C + eps);
+        for (int c = lane * x128::size; c < C; c += 32 * x128::size) {
+            const x128 x = load128(row + c), w = load128(ln_weight + c), b = load128(ln_bias + c);
+            x128 y;
+#pragma unroll
+            for (int k = 0; k < x128::size; k++)
+                y[k] = from_float<floatX>((to_float(x[k]) - mean) * rs * to_float(w[k]) + to_float(b[k]));
+            store128(row + c, y);
+        }
+    }
+    __syncthreads();
+    matvec_rows(out, xs, weight, bias, M, C, OC, tpc, gelu);
 }

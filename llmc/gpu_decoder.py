@@ -16,10 +16,13 @@ Design (llmc/decoder.py has the loop and the sampling contract):
   that the row's own decode steps overwrite before any query can reach them.
 - Decode step, B rows: decode_embed -> per layer ln1, qkv, decode_attention (which appends the
   new K and V), attproj, residual + ln2, fc with GELU in its epilogue, fcproj, residual + next
-  ln -> logits (B, Vp) of the newest position only -> sample_tokens: 7 launches a layer. Products are cuBLASLt's (llmc/cublaslt.py) on the current
-  stream with its preallocated workspace, so the whole step, matmuls included, is captured as
-  one CUDA graph per batch size (graphs=True) after a first eager step has made every cuBLASLt
-  plan. Replays cost one launch from Python per token.
+  ln -> logits (B, Vp) of the newest position only -> sample_tokens: 7 launches a layer. Up to
+  8 rows (batch-1 decoding) the products are our weight-streaming kernels with the residual +
+  LayerNorm fused into the product that reads it (matmul.matvec_layernorm_forward): 5 a layer.
+- Products above 8 rows are cuBLASLt's (llmc/cublaslt.py) on the current stream with its
+  preallocated workspace, so the whole step, matmuls included, is captured as one CUDA graph
+  per batch size (graphs=True) after a first eager step has made every cuBLASLt plan. Replays
+  cost one launch from Python per token.
 - The host sees token ids only: `_fetch` copies ids (B, width) int32 when the loop asks.
 
 Tests: pytest -m gpu tests/test_gpu_decoder.py      bench: python bench/generation.py
@@ -94,25 +97,47 @@ class GPUDecoder(Decoder):
     def _blocks(self, r: _Rows, R: int, attend) -> None:
         """r.x (R, C) through every layer; lnf into r.ln. attend(l, qkv (R, 3C), out (R, C)).
 
-        The fc product applies the GELU in its epilogue (one launch, fchg written once)."""
+        The fc product applies the GELU in its epilogue (one launch, fchg written once). Up to
+        8 rows (batch-1 decoding) the products are our weight-streaming kernels, the residual
+        add + LayerNorm fused into the product that reads it: 5 launches a layer."""
+        if R <= matmul.MATVEC_MAX_ROWS:
+            return self._blocks_few_rows(r, R, attend)
         p, L = self._p, self.mc.n_layer
         x, res2, ln, mean, rstd = r.x[:R], r.res2[:R], r.ln[:R], r.mean[:R], r.rstd[:R]
         qkv, atty, btc, fchg = r.qkv[:R], r.atty[:R], r.btc[:R], r.fchg[:R]
-        # a few rows (batch-1 decoding): our weight-streaming kernel; else cuBLASLt
-        mm = matmul.matvec_forward if R <= matmul.MATVEC_MAX_ROWS else matmul.matmul_forward
         layernorm.layernorm_forward(ln, mean, rstd, x, p["ln1w"][0], p["ln1b"][0])
         for l in range(L):
             w = self._pl[l]
-            mm(qkv, ln, w["qkvw"], w["qkvb"])
+            matmul.matmul_forward(qkv, ln, w["qkvw"], w["qkvb"])
             attend(l, qkv, atty)
-            mm(btc, atty, w["attprojw"], w["attprojb"])
+            matmul.matmul_forward(btc, atty, w["attprojw"], w["attprojb"])
             layernorm.fused_residual_layernorm_forward(res2, ln, mean, rstd, x, btc,
                                                        w["ln2w"], w["ln2b"])
-            mm(fchg, ln, w["fcw"], w["fcb"], gelu=True)
-            mm(btc, fchg, w["fcprojw"], w["fcprojb"])
+            matmul.matmul_forward(fchg, ln, w["fcw"], w["fcb"], gelu=True)
+            matmul.matmul_forward(btc, fchg, w["fcprojw"], w["fcprojb"])
             nw, nb = ((p["ln1w"][l + 1], p["ln1b"][l + 1]) if l + 1 < L
                       else (p["lnfw"], p["lnfb"]))
             layernorm.fused_residual_layernorm_forward(x, ln, mean, rstd, res2, btc, nw, nb)
+
+    def _blocks_few_rows(self, r: _Rows, R: int, attend) -> None:
+        p, L = self._p, self.mc.n_layer
+        x, res2, ln, mean, rstd = r.x[:R], r.res2[:R], r.ln[:R], r.mean[:R], r.rstd[:R]
+        qkv, atty, btc, fchg = r.qkv[:R], r.atty[:R], r.btc[:R], r.fchg[:R]
+        for l in range(L):
+            w = self._pl[l]
+            if l == 0:  # the embeddings are layer 0's residual input
+                matmul.matvec_layernorm_forward(qkv, None, x, None, w["ln1w"], w["ln1b"],
+                                                w["qkvw"], w["qkvb"])
+            else:       # x = res2 + the previous MLP's output
+                matmul.matvec_layernorm_forward(qkv, x, res2, btc, w["ln1w"], w["ln1b"],
+                                                w["qkvw"], w["qkvb"])
+            attend(l, qkv, atty)
+            matmul.matvec_forward(btc, atty, w["attprojw"], w["attprojb"])
+            matmul.matvec_layernorm_forward(fchg, res2, x, btc, w["ln2w"], w["ln2b"], w["fcw"],
+                                            w["fcb"], gelu=True)
+            matmul.matvec_forward(btc, fchg, w["fcprojw"], w["fcprojb"])
+        layernorm.fused_residual_layernorm_forward(x, ln, mean, rstd, res2, btc, p["lnfw"],
+                                                   p["lnfb"])
 
     def _sample(self, B: int, lnf_rows, settings) -> None:
         logits = self._logits[:B]

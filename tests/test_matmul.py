@@ -336,6 +336,41 @@ def test_matvec_forward(shape, gelu, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(1, 768, 2304), (8, 768, 3072), (5, 40, 97)],
+                         ids=["qkv_B1", "fc_B8", "M5C40OC97"])
+def test_matvec_layernorm_forward(shape, dtype):
+    """residual = inp1 + inp2 (rounded), out = LayerNorm(residual) @ w.T + b [GELU]; and
+    LayerNorm(inp1) alone when inp2 and residual are None."""
+    from llmc.ops.matmul import matvec_layernorm_forward
+    M, C, OC = shape
+    rng = np.random.default_rng(M + C + OC + 3)
+    a, a64 = randn(rng, (M, C), dtype)
+    b2, b264 = randn(rng, (M, C), dtype)
+    lw, lw64 = randn(rng, (C,), dtype)
+    lb, lb64 = randn(rng, (C,), dtype)
+    w, w64 = randn(rng, (OC, C), dtype, C ** -0.5)
+    b, b64 = randn(rng, (OC,), dtype)
+    res = (a64 + b264).astype(DTYPES[dtype]).astype(np.float64)  # the stored, rounded residual
+    for gelu, two in ((False, True), (True, True), (False, False)):
+        out, residual = poisoned((M, OC), dtype), poisoned((M, C), dtype)
+        matvec_layernorm_forward(out, residual if two else None, device(a),
+                                 device(b2) if two else None, device(lw), device(lb), device(w),
+                                 device(b), gelu=gelu)
+        x = res if two else a64
+        ln = reference.layernorm_forward(x, lw64, lb64)[0]
+        want = reference.matmul_forward(ln.astype(DTYPES[dtype]).astype(np.float64), w64, b64)
+        if gelu:
+            want = reference.gelu_forward(want)
+        assert_close(host(out), want, dtype, "out")
+        if two:
+            np.testing.assert_array_equal(host(residual), res)
+    with pytest.raises(ValueError, match="give both"):
+        matvec_layernorm_forward(poisoned((M, OC), dtype), None, device(a), device(b2),
+                                 device(lw), device(lb), device(w), device(b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(4096, 3072, 768), (37, 40, 96), (1, 8, 96)],
                          ids=["fcproj", "N37C40OC96", "N1C8OC96"])
 def test_backward_dgelu(shape, dtype):

@@ -6,6 +6,8 @@ kernels/matmul.cu for the bias gradient.
         with gelu: out = gelu(inp @ weight.T + bias)     (its GELU_BIAS epilogue; generation)
     matvec_forward(out (M,OC), inp (M,C), weight, bias | None, *, gelu=False)    M <= 8 rows
         the same product by our kernel (kernels/matmul.cu): generation's one row per sequence
+    matvec_layernorm_forward(out, residual, inp1, inp2, ln_weight, ln_bias, weight, bias, *, gelu)
+        residual = inp1 + inp2; out = LayerNorm(residual) @ weight.T + bias, one launch
     matmul_backward(dinp (N,C) =, dweight (OC,C) +=, dbias (OC,) += | None, dout (N,OC), inp,
                     weight, scratch, *, pre_gelu=None)
         dinp = dout @ weight ; dweight += dout.T @ inp ; dbias += sum over rows of dout
@@ -151,13 +153,8 @@ MATVEC_MAX_ROWS = 8   # MV_MAX_ROWS in kernels/matmul.cu
 MATVEC_THREADS = 256
 
 
-def matvec_forward(out, inp, weight, bias=None, *, gelu: bool = False):
-    """out (M,OC) = inp (M,C) @ weight (OC,C).T (+ bias) [then tanh GELU], M <= 8 rows.
-
-    The few-row product of text generation (one row per sequence): our kernel streams the
-    weights once with 16-byte loads; same contract as matmul_forward (fp32 accumulation, one
-    rounding of out), for M <= MATVEC_MAX_ROWS and C a multiple of the 128-bit pack.
-    """
+def _matvec_check(out, inp, weight, bias):
+    """(dtype name, M, C, OC, out rows, inp rows) for a few-row product; ValueErrors otherwise."""
     dt = dtype_name(weight, "weight")
     check("weight", weight, (None, None), dt)
     OC, C = weight.shape
@@ -176,12 +173,57 @@ def matvec_forward(out, inp, weight, bias=None, *, gelu: bool = False):
         check("bias", bias, (OC,), dt)
     for name, a in (("inp", inp), ("weight", weight)):
         check_aligned(name, a)
+    return dt, M, C, OC, y, x
+
+
+def _matvec_launch(name, dt, M, C, OC, make_args):
+    """Launch with tpc threads per output column: about two packs of the row each."""
     packs = C // pack_size(dt)
     tpc = min(MATVEC_THREADS, max(32, 1 << max(0, (packs // 2 - 1).bit_length())))
-    kernel = kernels.function("matmul", "matvec_forward", dt)
-    smem = M * C * weight.itemsize
+    kernel = kernels.function("matmul", name, dt)
+    smem = M * C * (4 if dt == "fp32" else 2)  # the M input rows, floatX
     set_dynamic_smem(kernel, smem + 1024)  # + the kernel's static reduction buffer
-    kernel((ceil_div(OC, MATVEC_THREADS // tpc),), (MATVEC_THREADS,),
-           (y, x, weight, bias if bias is not None else np.uint64(0), np.int32(M), np.int32(C),
-            np.int32(OC), np.int32(tpc), np.int32(1 if gelu else 0)), shared_mem=smem)
+    kernel((ceil_div(OC, MATVEC_THREADS // tpc),), (MATVEC_THREADS,), make_args(np.int32(tpc)),
+           shared_mem=smem)
+
+
+def matvec_forward(out, inp, weight, bias=None, *, gelu: bool = False):
+    """out (M,OC) = inp (M,C) @ weight (OC,C).T (+ bias) [then tanh GELU], M <= 8 rows.
+
+    The few-row product of text generation (one row per sequence): our kernel streams the
+    weights once with 16-byte loads; same contract as matmul_forward (fp32 accumulation, one
+    rounding of out), for M <= MATVEC_MAX_ROWS and C a multiple of the 128-bit pack.
+    """
+    dt, M, C, OC, y, x = _matvec_check(out, inp, weight, bias)
+    _matvec_launch("matvec_forward", dt, M, C, OC, lambda tpc: (
+        y, x, weight, bias if bias is not None else np.uint64(0), np.int32(M), np.int32(C),
+        np.int32(OC), tpc, np.int32(1 if gelu else 0)))
+    return out
+
+
+def matvec_layernorm_forward(out, residual, inp1, inp2, ln_weight, ln_bias, weight, bias=None,
+                             *, gelu: bool = False, eps: float = 1e-5):
+    """out (M,OC) = LayerNorm(inp1 + inp2) @ weight.T (+ bias) [then GELU], M <= 8 rows.
+
+    residual (M,C) = inp1 + inp2 rounded to floatX (written when inp2 is given; pass None for
+    both to normalize inp1 alone). The LayerNorm as layernorm_forward's (eps, fp32 statistics
+    of the rounded residual, output rounded to floatX), without saving mean/rstd: generation's
+    fused residual + LayerNorm + product, one launch.
+    """
+    dt, M, C, OC, y, x = _matvec_check(out, inp1, weight, bias)
+    if (inp2 is None) != (residual is None):
+        raise ValueError("inp2 and residual: give both (residual = inp1 + inp2) or neither")
+    if inp2 is not None:
+        check_same("inp2", inp2, inp1, "inp1")
+        check_same("residual", residual, inp1, "inp1")
+        check_aligned("inp2", inp2)
+        check_aligned("residual", residual)
+    for name, a in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        check(name, a, (C,), dt)
+        check_aligned(name, a)
+    null = np.uint64(0)
+    _matvec_launch("matvec_layernorm_forward", dt, M, C, OC, lambda tpc: (
+        y, residual if residual is not None else null, x, inp2 if inp2 is not None else null,
+        ln_weight, ln_bias, weight, bias if bias is not None else null, np.int32(M),
+        np.int32(C), np.int32(OC), tpc, np.int32(1 if gelu else 0), np.float32(eps)))
     return out
