@@ -63,6 +63,56 @@ __device__ __forceinline__ u64 block_sum_u64(u64 v, u64* scratch) {
     return v;
 }
 
+// Warp 0 finds the bin d where the weight of the bins from 255 down reaches *rem: *sel = d and
+// *rem -= the weight of the bins above d. Lane l sums bins 255 - 8l .. 248 - 8l, a warp scan
+// finds the lane, which walks its eight.
+__device__ __forceinline__ void select_bin(const u64* total, unsigned* shared_sel, u64* shared_rem) {
+    if (threadIdx.x >= 32) return;
+    const int lane = threadIdx.x;
+    const u64 rem = *shared_rem;
+    u64 eight = 0;
+#pragma unroll
+    for (int j = 0; j < 8; j++) eight += total[255 - 8 * lane - j];
+    u64 incl = eight;
+    for (int o = 1; o < 32; o <<= 1) {
+        const u64 n = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += n;
+    }
+    const bool here = incl - eight < rem && incl >= rem;
+    if (__ballot_sync(0xffffffffu, here) == 0u && lane == 0) *shared_sel = 0u;  // unreachable
+    if (here) {
+        u64 above = incl - eight;
+        int sel = 248 - 8 * lane;
+        for (int j = 0; j < 8; j++) {
+            const int d = 255 - 8 * lane - j;
+            if (above + total[d] >= rem) { sel = d; break; }
+            above += total[d];
+        }
+        *shared_rem = rem - above;
+        *shared_sel = (unsigned)sel;
+    }
+}
+
+// The k-th largest of one key per thread (k <= SAMPLE_THREADS), by the same radix select.
+__device__ unsigned block_kth_key(unsigned key, int k, unsigned* cnt, u64* total,
+                                  unsigned* shared_sel, u64* shared_rem) {
+    unsigned prefix = 0, mask = 0;
+    if (threadIdx.x == 0) *shared_rem = (u64)k;
+    for (int shift = KEY_BITS - 8; shift >= 0; shift -= 8) {
+        if (threadIdx.x < 256) cnt[threadIdx.x] = 0u;
+        __syncthreads();
+        if ((key & mask) == prefix) atomicAdd(&cnt[(key >> shift) & 255u], 1u);
+        __syncthreads();
+        if (threadIdx.x < 256) total[threadIdx.x] = cnt[threadIdx.x];
+        __syncthreads();
+        select_bin(total, shared_sel, shared_rem);
+        __syncthreads();
+        prefix |= *shared_sel << shift;
+        mask |= 255u << shift;
+    }
+    return prefix;
+}
+
 // The largest key tau with weight(keys >= tau) >= target, among tokens with key >= floor_key;
 // weight = 1 per token (count) or its fixed-point probability. Each warp histograms into its own
 // 256 bins (`hist`, 32 x 256 in dynamic shared memory), so warps never wait on each other's bins.
@@ -122,30 +172,7 @@ __device__ unsigned radix_select(const floatX* row, int V, float zscale, float z
             total[threadIdx.x] = t;
         }
         __syncthreads();
-        if (threadIdx.x < 32) {  // warp 0: the bin where the weight from the top reaches rem
-            const u64 rem = *shared_rem;
-            u64 eight = 0;  // lane l owns bins 255 - 8l down to 248 - 8l
-#pragma unroll
-            for (int j = 0; j < 8; j++) eight += total[255 - 8 * lane - j];
-            u64 incl = eight;
-            for (int o = 1; o < 32; o <<= 1) {
-                const u64 n = __shfl_up_sync(0xffffffffu, incl, o);
-                if (lane >= o) incl += n;
-            }
-            const bool here = incl - eight < rem && incl >= rem;
-            if (__ballot_sync(0xffffffffu, here) == 0u && lane == 0) *shared_sel = 0u;  // unreachable
-            if (here) {
-                u64 above = incl - eight;
-                int sel = 248 - 8 * lane;
-                for (int j = 0; j < 8; j++) {
-                    const int d = 255 - 8 * lane - j;
-                    if (above + total[d] >= rem) { sel = d; break; }
-                    above += total[d];
-                }
-                *shared_rem = rem - above;
-                *shared_sel = (unsigned)sel;
-            }
-        }
+        select_bin(total, shared_sel, shared_rem);
         __syncthreads();
         prefix |= *shared_sel << shift;
         mask |= 255u << shift;
@@ -158,6 +185,7 @@ sample_rows(int* __restrict__ ids, int* __restrict__ pos, const floatX* __restri
             int ld, int V, int S, float temperature, int top_k, float top_p, unsigned seed) {
     extern __shared__ u64 hist[];  // SAMPLE_THREADS / 32 warps x 256 bins
     __shared__ u64 total[256];
+    __shared__ unsigned cnt[256];
     __shared__ u64 red[32];
     __shared__ float fred[32];
     __shared__ unsigned sel;
@@ -197,13 +225,22 @@ sample_rows(int* __restrict__ ids, int* __restrict__ pos, const floatX* __restri
 
     const float zscale = 1.4426950408889634f / temperature;  // z in log2 units
     float zmax = NEG_INF;
-    for_my_logits(row, V, zscale, [&](int, float z, unsigned) { zmax = fmaxf(zmax, z); });
+    unsigned kmax = 0u;  // this thread's largest key
+    for_my_logits(row, V, zscale, [&](int, float z, unsigned key) {
+        zmax = fmaxf(zmax, z);
+        kmax = max(kmax, key);
+    });
     zmax = block_max(zmax, fred);
 
     unsigned floor_key = 0;
-    if (top_k > 0 && top_k < V)
-        floor_key = radix_select(row, V, zscale, zmax, true, 0u, (u64)top_k, hist, total, &sel,
-                                 &rem);
+    if (top_k > 0 && top_k < V) {
+        // The k largest of the threads' maxima are k different logits, so the k-th largest
+        // logit is at least their k-th largest: a floor that leaves the select few candidates.
+        if (top_k <= SAMPLE_THREADS)
+            floor_key = block_kth_key(kmax, top_k, cnt, total, &sel, &rem);
+        floor_key = radix_select(row, V, zscale, zmax, true, floor_key, (u64)top_k, hist, total,
+                                 &sel, &rem);
+    }
     if (top_p < 1.0f) {
         u64 mass = 0;
         for_my_logits(row, V, zscale, [&](int, float z, unsigned key) {
