@@ -66,7 +66,6 @@ def profile_decode(decoder, B: int, reps: int = 20) -> dict:
     x, res2, ln, mean, rstd = r.x[:B], r.res2[:B], r.ln[:B], r.mean[:B], r.rstd[:B]
     qkv, atty, btc, fchg = r.qkv[:B], r.atty[:B], r.btc[:B], r.fchg[:B]
     ids, pos = decoder.ids[:B], decoder.pos[:B]
-    scratch32 = decode.decode_scratch(B, mc.n_head, mc.head_size, decoder.S, 32)
     ops = {  # op -> (launch, launches per step)
         "embed": (lambda: decode.decode_embed(x, ids, pos, p["wte"], p["wpe"]), 1),
         "layernorm": (lambda: layernorm.fused_residual_layernorm_forward(
@@ -74,9 +73,7 @@ def profile_decode(decoder, B: int, reps: int = 20) -> dict:
         "matmul qkv": (lambda: matmul.matmul_forward(qkv, ln, w["qkvw"], w["qkvb"]), L),
         "attention": (lambda: decode.decode_attention(
             atty, qkv, decoder.k[0, :B], decoder.v[0, :B], pos, decoder._scratch_for(B),
-            decoder.chunk), L),
-        "attention chunk 32": (lambda: decode.decode_attention(
-            atty, qkv, decoder.k[0, :B], decoder.v[0, :B], pos, scratch32, 32), 0),
+            decoder._chunk(B)), L),
         "matmul attproj": (lambda: matmul.matmul_forward(btc, atty, w["attprojw"], w["attprojb"]), L),
         "matmul fc+gelu": (lambda: matmul.matmul_forward(fchg, ln, w["fcw"], w["fcb"], gelu=True), L),
         "matmul fcproj": (lambda: matmul.matmul_forward(btc, fchg, w["fcprojw"], w["fcprojb"]), L),
