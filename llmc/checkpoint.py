@@ -10,10 +10,11 @@ Layout of `<out_dir>/ckpt_<step:08d>/` (more digits past step 99,999,999):
 Writing: every rank writes its files into `ckpt_<step>.tmp/`; after a barrier rank 0 hashes
 them, writes state.json last and renames the directory into place (one atomic rename on POSIX).
 Weights or optimizer state that are not finite are never written (CheckpointError instead).
-A crash at any point leaves the previous checkpoints untouched plus at most a `.tmp` or `.old`
-directory, which `clean()` removes (at the start of a run and after every save). Pruning first
-renames a checkpoint to `.old`, so a kill while deleting never leaves a `ckpt_*` without its
-state.json.
+A crash at any point leaves the previous checkpoints untouched plus at most a `.tmp`, `.old` or
+`.del` directory, which `clean()` removes or, for a re-save of the same step cut between its two
+renames, puts back (at the start of a run, before --resume auto looks, and after every save).
+Pruning first renames a checkpoint to `.del`, so a kill while deleting never leaves a `ckpt_*`
+without its state.json.
 
 Reading: `load()` checks state.json and the manifest (sizes and SHA-256 of every file, all
 ranks' files, so every rank reaches the same verdict) before reading any array; every problem
@@ -40,7 +41,7 @@ from llmc.durable import fsync_dir, fsync_file
 
 FORMAT_VERSION = 2  # 2: state.json holds a manifest of SHA-256 checksums (1 had none)
 _NAME = re.compile(r"^ckpt_(\d{8,})$")
-_LEFTOVER = re.compile(r"^ckpt_\d{8,}\.(tmp|old)$")
+_LEFTOVER = re.compile(r"^ckpt_(\d{8,})\.(tmp|old|del)$")
 
 
 class CheckpointError(ValueError):
@@ -165,7 +166,7 @@ def list_checkpoints(out_dir) -> list:
 
 
 def leftovers(out_dir) -> list:
-    """What crashed saves and prunes leave: ckpt_*.tmp, ckpt_*.old, ckpt_* without state.json."""
+    """What crashed saves and prunes leave: ckpt_*.tmp/.old/.del, ckpt_* without state.json."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return []
@@ -174,7 +175,18 @@ def leftovers(out_dir) -> list:
 
 
 def clean(out_dir) -> list:
-    """Delete leftovers(out_dir); -> the names deleted. Only call while holding the run lock."""
+    """Delete leftovers(out_dir); -> the names deleted. Only call while holding the run lock.
+
+    One case is repaired instead: a re-save of step N killed between its two renames leaves
+    no ckpt_N but a complete ckpt_N.tmp (the new copy) and ckpt_N.old (the previous one); the
+    .tmp, else the .old, becomes ckpt_N again (load() still verifies it).
+    """
+    out_dir = Path(out_dir)
+    for p in sorted(leftovers(out_dir), key=lambda p: p.name.endswith(".old")):
+        m = _LEFTOVER.match(p.name)
+        final = out_dir / f"ckpt_{m.group(1)}" if m else None
+        if m and m.group(2) in ("tmp", "old") and not final.exists() and (p / "state.json").is_file():
+            os.rename(p, final)
     gone = []
     for p in leftovers(out_dir):
         shutil.rmtree(p, ignore_errors=True)
@@ -183,12 +195,12 @@ def clean(out_dir) -> list:
 
 
 def prune(out_dir, keep: int) -> None:
-    """Delete all but the `keep` newest checkpoints (renamed to .old first), then leftovers."""
+    """Delete all but the `keep` newest checkpoints (renamed to .del first), then leftovers."""
     ckpts = list_checkpoints(out_dir)
     for p in ckpts[:-keep] if keep > 0 else []:
-        old = p.with_name(p.name + ".old")
-        os.rename(p, old)
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = p.with_name(p.name + ".del")
+        os.rename(p, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     clean(out_dir)
 
 

@@ -156,6 +156,8 @@ def run(cfg: TrainConfig) -> dict:
     lock = None
     try:
         lock = _open_out_dir(cfg, out_dir, log)
+        if dist is not None and world > 1:
+            dist.barrier()  # rank 0's cleanup is done before any rank looks for a checkpoint
         return _train(cfg, device, dist, rank, world, out_dir, log, stop)
     finally:
         stop.uninstall()
