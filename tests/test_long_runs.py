@@ -429,6 +429,31 @@ def test_guard_skips_the_update_on_cpu(tmp_path, monkeypatch):
     assert _losses(out) == _losses(ref)
 
 
+@pytest.mark.gpu
+def test_guard_skips_on_gpu(tmp_path, monkeypatch):
+    """The GPU path's split update (norm, host decision, update or skip): a skipped step leaves
+    the weights bitwise as they were; decisions survive a resume."""
+    import llmc.train as train_mod
+    from llmc import trainer
+    monkeypatch.setattr(train_mod, "OutlierGuard", lambda lz, gz: OutlierGuard(lz, gz, window=2))
+    seen = []
+    real = trainer.GPUBackend.train_step
+
+    def spy(self, loader, accum, lr, step, skip=None):
+        before = self.model.params.get()
+        out = real(self, loader, accum, lr, step, skip=skip)
+        seen.append((step, np.array_equal(before, self.model.params.get())))
+        return out
+    monkeypatch.setattr(trainer.GPUBackend, "train_step", spy)
+    flags = ["--device", "cuda", "--model", "d4", "--n-layer", "2", "--batch-size", "4",
+             "--seq-len", "64", "--max-steps", "10", "--lr", "1e-3", "--val-steps", "1",
+             "--sample-tokens", "4", "--skip-update-gradz", "0.01"]
+    assert main(flags + ["--out-dir", str(tmp_path / "ref")]) == 0
+    rows = [json.loads(l) for l in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    skipped = {r["step"] for r in rows if r["skipped"]}
+    assert skipped and {s for s, unchanged in seen if unchanged} == skipped
+
+
 def test_guard_skip_keeps_weights():
     from llmc.trainer import CPUBackend
     cfg = resolve(TrainConfig(model="d4", n_layer=1, n_embd=32, n_head=2, batch_size=2, seq_len=16), "cpu")
