@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -364,8 +365,14 @@ def _check_same_model(state: dict, cfg: TrainConfig, path) -> None:
                 f"{getattr(cfg, key)}; resume with the same value to continue the same data order")
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv=None) -> int:
     cfg = parse_args(argv)  # argparse prints usage and exits 2 on unknown flags / bad types
+    if not os.environ.get("LLMC_DEBUG"):
+        warnings.formatwarning = _one_line_warning  # a warning is one line, like an error
     try:
         run(cfg)
     except Preempted as e:

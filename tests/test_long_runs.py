@@ -140,6 +140,28 @@ def test_sigterm_resume_bitwise_gpu(tmp_path):
     assert _losses(out) == _losses(ref)
 
 
+@pytest.mark.multigpu
+def test_sigterm_under_launch_two_gpus(tmp_path):
+    """Two GPU ranks: SIGTERM to the launcher, both ranks stop at the same step and save it
+    (world size 2), the launcher exits 75, and a resumed launch ends with the same losses."""
+    flags = ["--device", "cuda", "--model", "d4", "--n-layer", "2", "--batch-size", "4",
+             "--seq-len", "64", "--max-steps", "12", "--lr", "1e-3", "--val-steps", "1",
+             "--sample-tokens", "4"]
+    launch = [sys.executable, "-m", "llmc.launch", "--nproc-per-node", "2", "--"]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    r = subprocess.run(launch + flags + ["--out-dir", str(ref)], env=_env(), capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rc, _, err = _signal_after(None, out, signal.SIGTERM, 4, cmd=launch + flags + ["--out-dir", str(out)])
+    assert rc == PREEMPTED_EXIT, err
+    saved = checkpoint.list_checkpoints(out)
+    assert len(saved) == 1 and checkpoint.read_state(saved[0])["world_size"] == 2
+    r = subprocess.run(launch + flags + ["--out-dir", str(out), "--resume", "auto"], env=_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert _losses(out) == _losses(ref)
+
+
 # ---- checkpoints: damage, walk-back, crashes -----------------------------------------------
 
 def _save(out, step, seed=0, keep=5):
@@ -491,3 +513,13 @@ def test_step_line_has_eta(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "step     3/3 |" in out and "tok (100%)" in out and "ETA 0:00:00" in out
     assert "done: 3 steps (0->3 of 3)" in out
+
+
+def test_impossible_size_is_one_line(tmp_path):
+    args = list(TINY)
+    args[args.index("--batch-size") + 1] = "1000000000"
+    r = _cli(args + ["--max-steps", "1", "--out-dir", str(tmp_path)])
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()  # one-line warnings (fewer rows than a batch), the error
+    assert all(l.startswith("warning: DataLoader: the shards hold") for l in lines[:-1]), r.stderr
+    assert lines[-1].startswith("error: out of host memory") and "--batch-size" in lines[-1]
