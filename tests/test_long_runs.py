@@ -276,6 +276,33 @@ def test_crash_at_every_point_of_save_and_prune(tmp_path, monkeypatch, op):
     assert k > 8  # the loop really crashed the save at many points
 
 
+@pytest.mark.slow
+def test_real_kill9_during_saves_then_resume(tmp_path):
+    """kill -9 at random moments of a run that saves and prunes every step; after each kill a
+    resume continues from an intact checkpoint, and the finished run leaves nothing behind."""
+    rng = np.random.default_rng(13)
+    flags = TINY + ["--max-steps", "12", "--checkpoint-every", "1", "--keep-checkpoints", "1",
+                    "--out-dir", str(tmp_path)]
+    for attempt in range(3):
+        cmd = [sys.executable, "-m", "llmc.train", *flags] + (["--resume", "auto"] if attempt else [])
+        p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while _steps_logged(tmp_path) < 2 + 3 * attempt and p.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+            time.sleep(float(rng.uniform(0, 0.15)))  # somewhere inside a step, a save or a prune
+            p.kill()
+            p.wait(timeout=30)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        assert checkpoint.find_intact(tmp_path) is not None
+    assert main(flags + ["--resume", "auto"]) == 0
+    assert sorted(_losses(tmp_path)) == list(range(12))
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["ckpt_00000012"]
+    assert checkpoint.leftovers(tmp_path) == []
+
+
 def test_step_past_eight_digits(tmp_path):
     _save(tmp_path, 99_999_999)
     _save(tmp_path, 123_456_789)
