@@ -78,12 +78,13 @@ def _describe(raw: bytes) -> str:
 
 
 def previous_run(out_dir) -> list:
-    """Names of another run's files in out_dir: config.json, metrics.jsonl, ckpt_* directories."""
+    """Names of another run's work in out_dir: ckpt_* directories, a non-empty metrics.jsonl.
+    A config.json alone (a run that failed before its first step) is not worth keeping."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return []
-    return sorted(p.name for p in out_dir.iterdir()
-                  if p.name in RUN_FILES or p.name.startswith("ckpt_"))
+    return sorted(p.name for p in out_dir.iterdir() if p.name.startswith("ckpt_") or (
+        p.name == "metrics.jsonl" and p.is_file() and p.stat().st_size > 0))
 
 
 def check_fresh(out_dir, overwrite: bool) -> list:
@@ -99,7 +100,7 @@ def check_fresh(out_dir, overwrite: bool) -> list:
         raise RunLockError(f"{out_dir}: holds another run ({shown}); pass --resume auto to "
                            "continue it, --overwrite to delete it and start over, or choose "
                            "another --out-dir")
-    for name in found:
+    for name in found + [n for n in RUN_FILES if n not in found and (Path(out_dir) / n).exists()]:
         p = Path(out_dir) / name
         if p.is_dir():
             shutil.rmtree(p)

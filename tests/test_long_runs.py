@@ -358,13 +358,20 @@ def test_two_racing_runs_one_wins(tmp_path):
 def test_fresh_run_in_used_out_dir(tmp_path):
     assert main(TINY + ["--max-steps", "3", "--out-dir", str(tmp_path)]) == 0
     r = _cli(TINY + ["--max-steps", "2", "--out-dir", str(tmp_path)])
-    _one_line_error(r, "holds another run (ckpt_00000003, config.json, metrics.jsonl); pass --resume auto")
+    _one_line_error(r, "holds another run (ckpt_00000003, metrics.jsonl); pass --resume auto")
     assert sorted(_losses(tmp_path)) == [0, 1, 2]  # the old run's metrics are untouched
     r = _cli(TINY + ["--max-steps", "2", "--out-dir", str(tmp_path), "--overwrite", "--resume", "auto"])
     _one_line_error(r, "--overwrite deletes the run that --resume would continue")
     assert main(TINY + ["--max-steps", "2", "--out-dir", str(tmp_path), "--overwrite"]) == 0
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["ckpt_00000002"]
     assert sorted(_losses(tmp_path)) == [0, 1]
+
+
+def test_failed_start_does_not_block_the_next(tmp_path):
+    r = _cli(TINY + ["--max-steps", "1", "--out-dir", str(tmp_path), "--train-data", str(tmp_path / "typo.arrow")])
+    _one_line_error(r, "typo.arrow")
+    assert (tmp_path / "config.json").exists()  # written, but no step ran: not a run to protect
+    assert main(TINY + ["--max-steps", "1", "--out-dir", str(tmp_path)]) == 0
 
 
 def test_start_cleans_leftovers(tmp_path, capsys):
