@@ -22,7 +22,7 @@ is one CheckpointError naming the file. `find_intact()` (`--resume auto`) walks 
 checkpoint back to the newest one that verifies, and reports what it skipped and why.
 SHA-256 runs at ~1.5 GB/s on one core here (hashlib, SHA-NI): about 1 s per GB of checkpoint.
 
-Run the tests:  python -m pytest tests/test_checkpoint.py tests/test_long_runs.py -q
+Run the tests:  python -m pytest tests/test_checkpoint.py tests/test_checkpoint_integrity.py -q
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ The detectors' windows are part of the checkpoint (`state_dict`), so a resumed r
 same decisions as an uninterrupted one. Values are kept as Python floats (float64) and the sums
 are recomputed from the window each step (a few hundred numbers): no drift from running sums.
 
-Run the tests:  python -m pytest tests/test_long_runs.py -q -k outlier
+Run the tests:  python -m pytest tests/test_long_runs.py tests/test_zero.py -q -k "guard or outlier or skip"
 """
 from __future__ import annotations
 

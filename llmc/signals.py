@@ -11,7 +11,7 @@ Under `python -m llmc.launch` the launcher forwards the signal to every rank, bu
 same instant; the ranks agree on the stop step through `backend.any_rank(flag)` (an all-reduce
 of the flag at each step boundary on the GPU path), so all of them save the same step.
 
-Run the tests:  python -m pytest tests/test_long_runs.py -q -k signal
+Run the tests:  python -m pytest tests/test_preemption.py -q
 """
 from __future__ import annotations
 

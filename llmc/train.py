@@ -19,7 +19,7 @@ run after the final checkpoint, so they can never cost the run.
 Bad input (missing data, corrupt shard, impossible batch sizes, a bad checkpoint) ends the run
 with one line on stderr and exit code 2; set LLMC_DEBUG=1 to see the traceback instead.
 
-Run the tests:  python -m pytest tests/test_train.py tests/test_long_runs.py -q
+Run the tests:  python -m pytest tests/test_train.py tests/test_long_runs.py tests/test_preemption.py -q
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Helper module for tests/test_long_runs.py (not a test): llmc.train under llmc.launch on the CPU.
+"""Helper module for tests/test_preemption.py (not a test): llmc.train under llmc.launch on the CPU.
 
     python -m llmc.launch --nproc-per-node 2 --module preempt_probe -- BASE_DIR <train flags>
 
