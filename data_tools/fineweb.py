@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from llmc.shards import ShardError
@@ -55,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--shard-size {args.shard_size}: must be a positive number of tokens")
     if args.workers < 1:
         p.error(f"--workers {args.workers}: must be at least 1")
+    if args.out is not None and not args.out.strip():
+        p.error("--out '': give the output directory, e.g. --out data/fineweb10B")
     if args.source is not None and args.out is None:
         p.error("--source needs --out DIR (where to write the shards)")
     if args.name is not None and (not args.name or "/" in args.name or os.sep in args.name):
@@ -62,8 +65,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt  # the same clean stop as Ctrl-C: the worker pool is shut down
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     prefix = args.name or PREFIXES[args.dataset]
     out = args.out or os.path.join("data", f"{prefix}{args.sample[:-1]}")
     try:
@@ -86,6 +94,8 @@ def main(argv=None) -> int:
         print("interrupted: finished shards are kept; rerun the same command to resume",
               file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return 0
 
 

@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -62,9 +63,26 @@ def tokenize_batch(texts: list) -> tuple:
     return np.array(ids, dtype=np.uint16), lengths
 
 
-def _worker_init() -> None:
-    """Workers ignore Ctrl-C: the main process handles it and shuts the pool down."""
+def _worker_init(parent: int) -> None:
+    """Workers ignore Ctrl-C (the main process handles it and shuts the pool down) and die
+    with the main process however it ends: kill -9 runs no cleanup, so each worker asks the
+    kernel for SIGKILL when its parent dies (Linux) and also watches its parent's PID."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform == "linux":
+        try:
+            import ctypes
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+    if os.getppid() != parent:  # the parent died before this worker got here
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)  # reparented: the main process is gone, so nobody will read our results
 
 
 def batches(docs: Iterator[str], max_docs: int = 1024, max_chars: int = 1 << 20):
@@ -87,7 +105,7 @@ def tokenized(batch_iter, workers: int):
             yield tokenize_batch(batch)
         return
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_worker_init)
+                               initializer=_worker_init, initargs=(os.getpid(),))
     try:
         pending = deque()
         for batch in batch_iter:
@@ -190,6 +208,8 @@ def load_state(out_dir: Path, prefix: str, identity: dict, log=sys.stderr) -> di
         raise PrepareError(f"{path}: progress version {state.get('version')}, this llmc writes "
                            f"{PROGRESS_VERSION}; {redo}")
     old = state["identity"]
+    if old != identity and not state["shards"]:
+        return _fresh_state(identity)  # an earlier attempt finished no shard: nothing to keep
     if old != identity:
         keys = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
         raise PrepareError(f"{path}: made with a different {', '.join(keys)} (before: "
@@ -248,8 +268,12 @@ def prepare(source, out_dir, prefix: str, shard_size: int = 100_000_000, workers
         print(f"{out_dir}: already complete ({len(summary['shards'])} shards, "
               f"{summary['tokens']:,} tokens); see {summary_path.name}", file=log)
         return summary
-    for stale in out_dir.glob(f"{prefix}_*.arrow.tmp-*"):  # left by a killed writer
-        stale.unlink()
+    for stale in [*out_dir.glob(f"{prefix}_*.arrow.tmp-*"), *out_dir.glob(f"{prefix}_*.json.tmp-*")]:
+        stale.unlink()  # left by a killed writer
+    if not progress_path.exists():
+        # Written before the first shard, so that a crash right after that shard leaves a
+        # progress file to resume from rather than a shard that makes the rerun refuse.
+        _write_json(progress_path, state)
     shards, known = state["shards"], state["file_documents"]
     start_doc, start_off = shards[-1]["end"] if shards else (0, 0)
     if shards:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Optional
@@ -142,6 +143,14 @@ class TrainConfig:
     attention: str = field(default="auto", metadata=dict(
         choices=("auto", "flash", "matmul"), help="attention kernel on cuda: flash (bf16 tensor cores) or matmul (cuBLAS + softmax, any dtype)"))
     log_every: int = field(default=1, metadata=dict(help="print a step line every N steps"))
+    overwrite: bool = field(default=False, metadata=dict(
+        help="start fresh in an --out-dir that holds another run, deleting its checkpoints, "
+             "config.json and metrics.jsonl (without it such a run is refused)"))
+    skip_update_lossz: float = field(default=0.0, metadata=dict(
+        help="skip the optimizer update of a step whose loss z-score over the last 128 steps "
+             "is above this (llm.c's outlier guard, e.g. 3); 0: never"))
+    skip_update_gradz: float = field(default=0.0, metadata=dict(
+        help="skip the update of a step whose gradient-norm z-score is above this; 0: never"))
 
     def model_config(self) -> ModelConfig:
         return model_config(self.model, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd)
@@ -195,12 +204,14 @@ def check(cfg: TrainConfig, world_size: int = 1) -> None:
                 f"--total-batch-size {cfg.total_batch_size} is not a positive multiple of "
                 f"batch-size*seq-len*world-size = {cfg.batch_size}*{cfg.seq_len}*{world_size} = "
                 f"{tokens_per_micro}; pick a multiple, e.g. {tokens_per_micro * 2}")
-    if not (0.0 <= cfg.lr_decay_frac <= 1.0):
-        raise ConfigError(f"--lr-decay-frac must be in [0, 1], got {cfg.lr_decay_frac}")
-    if cfg.lr <= 0:
-        raise ConfigError(f"--lr must be positive, got {cfg.lr}")
-    if cfg.grad_clip < 0 or cfg.weight_decay < 0:
-        raise ConfigError("--grad-clip and --weight-decay must be >= 0")
+    _check_optimizer(cfg)
+    if cfg.sample_tokens > mc.block_size:
+        raise ConfigError(f"--sample-tokens {cfg.sample_tokens} is above the model's context of "
+                          f"{mc.block_size} tokens (each token re-runs the prefix, so this would "
+                          f"take minutes); use --sample-tokens {mc.block_size} or less")
+    if cfg.hellaswag_limit is not None and cfg.hellaswag_limit < 1:
+        raise ConfigError(f"--hellaswag-limit must be >= 1, got {cfg.hellaswag_limit}; leave it "
+                          "out to score every example")
     n_rows = cfg.batch_size * cfg.seq_len
     if cfg.classifier_chunks < 1 or n_rows % cfg.classifier_chunks != 0:
         raise ConfigError(f"--classifier-chunks {cfg.classifier_chunks} must be >= 1 and divide "
@@ -209,6 +220,25 @@ def check(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError("--keep-checkpoints must be >= 1")
     if cfg.zero == 1 and world_size == 1:
         pass  # harmless: one shard is the whole buffer
+
+
+def _check_optimizer(cfg: TrainConfig) -> None:
+    """Every AdamW and schedule number: finite and in its range (NaN fails every comparison)."""
+    def bad(flag, value, want):
+        raise ConfigError(f"--{flag} must be {want}, got {value}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        bad("lr", cfg.lr, "a finite number > 0, e.g. 6e-4")
+    if not (0.0 <= cfg.lr_decay_frac <= 1.0):
+        bad("lr-decay-frac", cfg.lr_decay_frac, "in [0, 1]")
+    for name in ("beta1", "beta2"):
+        if not (0.0 <= getattr(cfg, name) < 1.0):
+            bad(name, getattr(cfg, name), "in [0, 1), e.g. 0.9 and 0.95")
+    if not (math.isfinite(cfg.eps) and cfg.eps > 0):
+        bad("eps", cfg.eps, "a finite number > 0 (0 divides 0 by 0 for unused rows), e.g. 1e-8")
+    for name in ("weight_decay", "grad_clip", "skip_update_lossz", "skip_update_gradz"):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):
+            bad(name.replace("_", "-"), value, "a finite number >= 0")
 
 
 def grad_accum_steps(cfg: TrainConfig, world_size: int = 1) -> int:
@@ -239,6 +269,10 @@ def build_parser(prog: str = "python -m llmc.train") -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         tp = _arg_type(f.type)
+        if tp is bool:  # a switch: --overwrite
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action="store_true",
+                                help=f.metadata.get("help", ""))
+            continue
         kw = dict(type=tp, default=f.default, help=f.metadata.get("help", ""))
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]

@@ -77,26 +77,41 @@ class GPUAdamW:
         called with the (1,) f32 device array of this range's squared norm, to sum it in place
         across ranks before the update reads it.
         """
-        import cupy
+        norm = self.grad_norm(grads, norm_reduce)
+        self.update(lr, step, grads)
+        return norm
+
+    def _grads(self, grads):
         start, stop = self.shard
         if grads is None:
-            grads = self.model.grads[start:stop]
-        elif grads.shape != (stop - start,) or grads.dtype != self.params.dtype:
+            return self.model.grads[start:stop]
+        if grads.shape != (stop - start,) or grads.dtype != self.params.dtype:
             raise ValueError(f"grads: expected shape ({stop - start},) and dtype "
                              f"{self.params.dtype} (this optimizer's range), got {grads.shape} "
                              f"{grads.dtype}")
-        if int(step) < 0:
-            raise ValueError(f"step counts from 0, got {step}")
+        return grads
+
+    def grad_norm(self, grads=None, norm_reduce=None):
+        """The first half of step: the global pre-clip norm (0-d cupy f32, lazy), kept in
+        norm_sq for `update`. The outlier guard reads it before deciding whether to update."""
+        import cupy
+        grads = self._grads(grads)
         adamw.global_norm_squared(self.norm_sq, grads, self._scratch)
         if norm_reduce is not None:
             norm_reduce(self.norm_sq)
-        adamw.adamw_update(self.params, self.master, grads, self.m, self.v, self.norm_sq,
-                           lr=float(lr), beta1=self.beta1, beta2=self.beta2, eps=self.eps,
-                           weight_decay=self.weight_decay, step=int(step) + 1,
-                           grad_clip=self.grad_clip, seed=self.seed, ranges=self.ranges,
-                           offset=start)
         cupy.sqrt(self.norm_sq[0], out=self._norm)
         return self._norm
+
+    def update(self, lr: float, step: int, grads=None) -> None:
+        """The second half of step: clip by norm_sq (from grad_norm) and update this range."""
+        if int(step) < 0:
+            raise ValueError(f"step counts from 0, got {step}")
+        start, _ = self.shard
+        adamw.adamw_update(self.params, self.master, self._grads(grads), self.m, self.v,
+                           self.norm_sq, lr=float(lr), beta1=self.beta1, beta2=self.beta2,
+                           eps=self.eps, weight_decay=self.weight_decay, step=int(step) + 1,
+                           grad_clip=self.grad_clip, seed=self.seed, ranges=self.ranges,
+                           offset=start)
 
     def state_dict(self) -> dict:
         """Host copies: {"master", "m", "v": fp32 (stop-start,), "shard": int64 [start, stop]}."""

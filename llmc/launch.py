@@ -14,10 +14,13 @@ LLMC_RENDEZVOUS (with --rendezvous) and NCCL_NVLS_ENABLE=0 unless the caller set
 SHARP multicast is not available on every machine and NCCL may fail to set it up).
 
 Supervision: SIGINT/SIGTERM are forwarded to every child (each runs in its own process group,
-and gets SIGTERM should the launcher itself die). When a child exits non-zero, the launcher
-prints which rank failed, sends SIGTERM to the others, SIGKILL after --grace-s, and exits with
-the failed child's code (128 + signal for a child killed by a signal). Exit 0 when all succeed.
-Bad flags: a usage line and exit 2.
+and gets SIGTERM should the launcher itself die); llmc.train then finishes the step, saves a
+checkpoint and exits 75 on every rank, and the launcher waits up to --stop-grace-s for that
+before SIGKILL, then exits 75 too when every rank saved (128 + signal otherwise). A child that
+exits 75 is stopping cleanly, not failing. When a child exits with another non-zero code, the
+launcher prints which rank failed, sends SIGTERM to the others, SIGKILL after --grace-s, and
+exits with the failed child's code (128 + signal for a child killed by a signal). Exit 0 when
+all succeed. Bad flags: a usage line and exit 2.
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ import signal
 import subprocess
 import sys
 import time
+
+from llmc.signals import PREEMPTED_EXIT
 
 
 def _parse(argv):
@@ -54,6 +59,9 @@ def _parse(argv):
     p.add_argument("--module", default="llmc.train", help="the Python module each process runs")
     p.add_argument("--grace-s", type=float, default=10.0,
                    help="seconds the other processes get to exit after a failure before SIGKILL")
+    p.add_argument("--stop-grace-s", type=float, default=300.0,
+                   help="seconds the processes get to checkpoint after a forwarded SIGINT/SIGTERM "
+                        "before SIGKILL (a preemption notice is often 30 s to 2 min; set it below)")
     args, unknown = p.parse_known_args(ours)
     if unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)} (training flags go after --)")
@@ -91,8 +99,9 @@ def _parse(argv):
         if args.nnodes > 1:
             p.error("--nnodes > 1 needs --master-addr (node-rank 0's host) or --rendezvous file:///shared/dir")
         args.master_addr = "127.0.0.1"
-    if args.grace_s < 0:
-        p.error(f"--grace-s must be >= 0, got {args.grace_s}")
+    for flag in ("grace_s", "stop_grace_s"):
+        if not getattr(args, flag) >= 0:
+            p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     return args, child
 
 
@@ -171,7 +180,7 @@ def run(args, child_args) -> int:
             codes = [p.poll() for p in procs]
             if failed is None:
                 for rank, rc in zip(ranks, codes):
-                    if rc is not None and rc != 0:
+                    if rc is not None and rc not in (0, PREEMPTED_EXIT):
                         failed = (rank, _code(rc))
                         others = sum(c is None for c in codes)
                         how = f"was killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
@@ -182,13 +191,14 @@ def run(args, child_args) -> int:
                         kill_at = time.monotonic() + args.grace_s
                         break
             if received and kill_at is None:
-                kill_at = time.monotonic() + args.grace_s
+                kill_at = time.monotonic() + args.stop_grace_s
             if all(c is not None for c in codes):
                 break
             if kill_at is not None and time.monotonic() > kill_at:
                 alive = [r for r, p in zip(ranks, procs) if p.poll() is None]
+                grace = args.grace_s if failed is not None else args.stop_grace_s
                 print(f"llmc.launch: rank(s) {', '.join(map(str, alive))} still running after "
-                      f"{args.grace_s:.0f}s; sending SIGKILL", file=sys.stderr, flush=True)
+                      f"{grace:.0f}s; sending SIGKILL", file=sys.stderr, flush=True)
                 _signal_all(procs, signal.SIGKILL)
                 kill_at = float("inf")
             time.sleep(0.05)
@@ -197,6 +207,11 @@ def run(args, child_args) -> int:
             signal.signal(s, h)
     if failed is not None:
         return failed[1]
+    codes = [p.returncode for p in procs]
+    if any(c == PREEMPTED_EXIT for c in codes) and all(c in (0, PREEMPTED_EXIT) for c in codes):
+        print("llmc.launch: every rank stopped cleanly after a checkpoint (exit 75: requeue and "
+              "resume with --resume auto)", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT
     if received:
         return 128 + received[0]
     return 0

@@ -3,7 +3,10 @@
 `make_backend(cfg, mc, dist)` returns an object with one interface, so `llmc.train` holds the
 loop once:
     backend.model                      CPUModel or GPUModel
-    backend.train_step(loader, accum, lr, step) -> (loss, grad_norm)   host floats, one sync
+    backend.train_step(loader, accum, lr, step, skip=None) -> (loss, grad_norm)   host floats,
+                                       one sync; skip(loss, norm) -> True drops the update
+                                       (the outlier guard), called before the update
+    backend.any_rank(flag) -> bool     True on every rank when flag is True on any (stop, NaN)
     backend.eval_loss(loader, steps) -> float                          mean over ranks
     backend.params_for_checkpoint() -> fp32 (N,)   exact working weights (bf16 values on the GPU)
     backend.loader_state(loader) -> dict           the data position the finished steps consumed
@@ -63,14 +66,22 @@ class CPUBackend:
     def load_params(self, flat):
         self.model.load_params(flat)
 
-    def train_step(self, loader, accum, lr, step):
+    def train_step(self, loader, accum, lr, step, skip=None):
         self.model.zero_grad()
         loss = 0.0
         for _ in range(accum):
             x, y = loader.next_batch()
             loss += float(self.model.forward_backward(x, y, 1.0 / accum))
+        if skip is not None:
+            from llmc.optim import global_norm
+            norm = global_norm(self.model.grads)  # what opt.step would return, computed first
+            if skip(loss / accum, norm):
+                return loss / accum, float(norm)
         norm = self.opt.step(self.model.grads, lr, step)
         return loss / accum, float(norm)
+
+    def any_rank(self, flag: bool) -> bool:
+        return bool(flag)
 
     def eval_loss(self, loader, steps):
         loader.reset()
@@ -126,7 +137,7 @@ class GPUBackend:
         self.model.load_params(flat)
         self.dp.init_from_params()
 
-    def train_step(self, loader, accum, lr, step):
+    def train_step(self, loader, accum, lr, step, skip=None):
         cp = self.cupy
         pf = self._prefetcher(loader)
         self.model.zero_grad()
@@ -138,9 +149,29 @@ class GPUBackend:
                                                on_layer_grads=self.dp.hook if last else None)
             cp.add(self._loss, loss, out=self._loss)
         self.dp.finish()
-        norm = self.dp.step(lr, step)
+        if skip is None:
+            norm = self.dp.step(lr, step)
+            self.dist.all_reduce(self._loss, op="avg")
+            return float(self._loss) / accum, float(norm)
+        # The outlier guard decides on the host from the loss and the norm, so the step's one
+        # host sync moves before the update instead of after it: the GPU idles while the host
+        # decides and queues the update (tens of microseconds), but no sync is added.
+        norm = self.dp.grad_norm()
         self.dist.all_reduce(self._loss, op="avg")
-        return float(self._loss) / accum, float(norm)
+        loss, norm = float(self._loss) / accum, float(norm)
+        if skip(loss, norm):
+            self.dp.skip()
+        else:
+            self.dp.update(lr, step)
+        return loss, norm
+
+    def any_rank(self, flag: bool) -> bool:
+        """One tiny all-reduce (max) of a flag; a host read, after the step's own sync."""
+        if self.world_size == 1:
+            return bool(flag)
+        buf = self.cupy.array([1 if flag else 0], dtype=self.cupy.int32)
+        self.dist.all_reduce(buf, op="max")
+        return bool(int(buf[0]))
 
     def eval_loss(self, loader, steps):
         cp = self.cupy

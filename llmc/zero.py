@@ -210,22 +210,37 @@ class DataParallel:
     # ---- the optimizer -----------------------------------------------------------------------
     def step(self, lr: float, step: int):
         """Clip by the global norm and update (this rank's shard, then all-gather); -> norm."""
-        if self.world_size == 1:
-            return self.opt.step(lr, step)
-        if not self._finished:
+        norm = self.grad_norm()
+        self.update(lr, step)
+        return norm
+
+    def grad_norm(self):
+        """The global pre-clip gradient norm (0-d cupy f32, lazy); `update` or `skip` follows."""
+        if self.world_size > 1 and not self._finished:
             raise RuntimeError("DataParallel.step: call finish() after the backward first (the "
                                "gradients are not averaged yet)")
+        if not self.zero:
+            return self.opt.grad_norm()
+        start, stop = self.shard
+        return self.opt.grad_norm(self.model.grads[start:stop],
+                                  norm_reduce=lambda norm_sq: self.dist.all_reduce(norm_sq, op="sum"))
+
+    def update(self, lr: float, step: int) -> None:
+        """Update this rank's shard with the norm from grad_norm, then share the new params."""
         self._finished = False
         if not self.zero:
-            return self.opt.step(lr, step)
+            self.opt.update(lr, step)
+            return
         start, stop = self.shard
-        norm = self.opt.step(lr, step, grads=self.model.grads[start:stop],
-                             norm_reduce=lambda norm_sq: self.dist.all_reduce(norm_sq, op="sum"))
+        self.opt.update(lr, step, grads=self.model.grads[start:stop])
         params = self.model.params
         with self.dist.group():
             for owner, (a, b) in enumerate(self.shards):
                 self.dist.broadcast(params[a:b], root=owner)
-        return norm
+
+    def skip(self) -> None:
+        """Drop this step's gradients (the outlier guard): weights and moments stay as they are."""
+        self._finished = False
 
     def init_from_params(self) -> None:
         """After model.load_params: the optimizer's fp32 master = the working params."""

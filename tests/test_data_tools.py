@@ -11,7 +11,10 @@ What is checked:
 - data_tools.tinyshakespeare: the bundled text gives llmc.datasets' shards, --source another text;
 - the plain progress line (no tqdm): documents/s, tokens/s, shard, ETA;
 - one-line errors with exit code 2 for a missing source, a parquet without `text`, an empty
-  source, a malformed jsonl line, changed flags on resume, foreign shards in --out.
+  source, a malformed jsonl line, changed flags on resume, foreign shards in --out, --out '';
+- long runs: tokenizer workers die with their parent (kill -9 and SIGTERM, no orphan holding
+  the caller's pipes); a crash between the first shard and its progress record resumes; stale
+  `*.tmp-<pid>` progress files are removed.
 
 Run:  python -m pytest tests/test_data_tools.py -q
 """
@@ -365,3 +368,86 @@ def test_plain_progress_line_without_tqdm(monkeypatch, capsys):
     line = log.getvalue().strip()
     assert line.startswith("fineweb: 250 docs (") and "/s)" in line and "M/s)" in line
     assert "shard 3" in line and "ETA 00:00:" in line  # 750 documents left at > 250 docs/s
+
+
+# ---- long runs (issue #13): workers die with their parent, crash windows, bad --out ---------
+
+def _children(pid):
+    """PIDs whose parent is `pid` (Linux /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_workers_die_with_their_parent(tmp_path, sig):
+    import os
+    import signal
+    src = tmp_path / "big.jsonl"
+    src.write_text("\n".join(json.dumps({"text": t}) for t in make_docs(400, seed=5) * 40) + "\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    p = subprocess.Popen([sys.executable, "-m", "data_tools.fineweb", "--source", str(src), "--out",
+                          str(tmp_path / "out"), "--shard-size", "5000", "--workers", "2"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        workers = []
+        while len(workers) < 2 and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.05)
+            # spawn: a resource tracker plus the workers, all children of the main process
+            workers = [c for c in _children(p.pid)
+                       if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+        assert len(workers) >= 2, "the pool did not start"
+        p.send_signal(getattr(signal, sig))
+        _, err = p.communicate(timeout=60)  # returns only once no orphan holds the pipes
+        deadline = time.monotonic() + 20
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(w) for w in workers), f"workers outlived the parent ({sig})"
+    finally:
+        if p.poll() is None:
+            p.kill()
+    if sig == "SIGTERM":
+        assert p.returncode == 130 and "rerun the same command to resume" in err
+
+
+def test_crash_after_the_first_shard_resumes(tmp_path, monkeypatch):
+    texts = make_docs(60, seed=3)
+    src = write_fineweb_parquet(tmp_path / "p.parquet", texts)
+    ref = prepare(LocalSource([src]), tmp_path / "ref", "fineweb", shard_size=900)
+    out = tmp_path / "out"
+    real = sharder._write_json
+
+    def die_on_first_shard_progress(path, obj):  # kill -9 between the shard and its progress
+        if path.name.endswith("_progress.json") and obj["shards"]:
+            raise KeyboardInterrupt
+        return real(path, obj)
+    monkeypatch.setattr(sharder, "_write_json", die_on_first_shard_progress)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(LocalSource([src]), out, "fineweb", shard_size=900)
+    monkeypatch.undo()
+    assert (out / "fineweb_val_000000.arrow").exists()
+    (out / "fineweb_progress.json.tmp-99999").write_text("{")  # a killed atomic write
+    assert prepare(LocalSource([src]), out, "fineweb", shard_size=900) == ref
+    assert not list(out.glob("*.tmp-*"))
+
+
+def test_empty_out_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        fineweb.parse_args(["--source", "x.jsonl", "--out", ""])
+    assert e.value.code == 2 and "--out '': give the output directory" in capsys.readouterr().err

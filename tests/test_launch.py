@@ -127,6 +127,8 @@ def test_sigterm_is_forwarded(tmp_path):
     (["--nproc-per-node", "2", "--rendezvous", "nfs://x"], "--rendezvous must be file:///path"),
     (["--nproc-per-node", "2", "--rendezvous", "file://rel/dir"], "give an absolute path"),
     (["--nproc-per-node", "2", "--model", "d12"], "unrecognized arguments: --model d12 (training flags go after --)"),
+    (["--nproc-per-node", "2", "--stop-grace-s", "-1"], "--stop-grace-s must be >= 0"),
+    (["--nproc-per-node", "2", "--grace-s", "nan"], "--grace-s must be >= 0"),
 ])
 def test_bad_flags(args, message):
     r = launch(args)

@@ -273,17 +273,26 @@ class _NumpyAdamW:
         pass
 
     def step(self, lr, step, grads=None, norm_reduce=None):
+        norm = self.grad_norm(grads, norm_reduce)
+        self.update(lr, step, grads)
+        return norm
+
+    def grad_norm(self, grads=None, norm_reduce=None):
         s, e = self.shard
         g = self.model.grads[s:e] if grads is None else grads
         norm_sq = np.array([float(np.dot(g, g))])
         if norm_reduce is not None:
             norm_reduce(norm_sq)
-        norm = math.sqrt(norm_sq[0])
+        self.norm = math.sqrt(norm_sq[0])
+        return self.norm
+
+    def update(self, lr, step, grads=None):
+        s, e = self.shard
+        g = self.model.grads[s:e] if grads is None else grads
         hp = self.hp
         adamw_step(self.params, g, self.m, self.v, lr=lr, beta1=hp["beta1"], beta2=hp["beta2"],
                    eps=hp["eps"], weight_decay=hp["weight_decay"], t=step + 1, decay=self.decay,
-                   grad_scale=clip_scale(norm, hp["grad_clip"]))
-        return norm
+                   grad_scale=clip_scale(self.norm, hp["grad_clip"]))
 
     def state_dict(self):
         return {"master": self.master.copy(), "m": self.m.copy(), "v": self.v.copy(),
@@ -296,7 +305,8 @@ class _NumpyAdamW:
         self.v[...] = d["v"]
 
 
-def _run_ranks(world, zero, steps, p0, grads_per_step, bucket_bytes=300, accum=1, align=8):
+def _run_ranks(world, zero, steps, p0, grads_per_step, bucket_bytes=300, accum=1, align=8,
+               skip_steps=()):
     fabric = _Fabric(world)
     results = [None] * world
     errors = []
@@ -313,7 +323,11 @@ def _run_ranks(world, zero, steps, p0, grads_per_step, bucket_bytes=300, accum=1
                     g = grads_per_step[step][rank][micro]
                     model.backward(g / accum, dp.hook if micro == accum - 1 else None)
                 dp.finish()
-                norms.append(dp.step(1e-2, step))
+                if step in skip_steps:  # the outlier guard's path: norm, then skip
+                    norms.append(dp.grad_norm())
+                    dp.skip()
+                else:
+                    norms.append(dp.step(1e-2, step))
             results[rank] = (model.params.copy(), norms, dp)
         except BaseException as e:  # noqa: BLE001 - reported to the test thread
             errors.append((rank, e))
@@ -360,6 +374,30 @@ def test_data_parallel_equals_one_gpu(fake_cupy, world, zero, accum, bucket_byte
         assert all(red in ("avg", None) for k, _, _, red in fabric.log if k != "all_reduce" or not zero)
     else:
         assert fabric.log == []
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+@pytest.mark.parametrize("world", [1, 3])
+def test_skipped_step_keeps_weights(fake_cupy, world, zero):
+    """grad_norm + skip (the outlier guard): the global norm is still reported, the weights and
+    moments stay, and the next step runs as if the skipped one had not happened."""
+    rng = np.random.default_rng(7 + world)
+    n = num_params(MC)
+    p0 = rng.standard_normal(n)
+    grads = [[[rng.standard_normal(n)] for _ in range(world)] for _ in range(3)]
+    results, _ = _run_ranks(world, zero, 3, p0, grads, skip_steps=(1,))
+    ref = AdamW(p0.copy(), MC, **HP)
+    ref_norms = []
+    for s in range(3):
+        g = sum(gr[0] for gr in grads[s]) / world
+        if s == 1:
+            from llmc.optim import global_norm
+            ref_norms.append(global_norm(g))
+        else:
+            ref_norms.append(ref.step(g, 1e-2, s))
+    for params, norms, _ in results:
+        np.testing.assert_allclose(params, ref.params, rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(norms, ref_norms, rtol=1e-10)
 
 
 def test_zero1_optimizer_memory_shrinks(fake_cupy):
