@@ -121,10 +121,11 @@ def global_norm(*grads):
     """
     if not grads:
         raise ValueError("grads: expected at least one gradient array")
+    for i, g in enumerate(grads):
+        check(f"grads[{i}]", g)
     out = empty((1,), F32)
     part = empty((1,), F32)
     for i, g in enumerate(grads):
-        check(f"grads[{i}]", g)
         global_norm_squared(out if i == 0 else part, g, new_scratch(global_norm_scratch_size(g.size)))
         if i:
             out += part
