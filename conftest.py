@@ -11,18 +11,10 @@ import pytest
 
 @functools.lru_cache(maxsize=1)
 def gpu_skip_reason():
-    """None when a CUDA device is usable, else why not."""
-    try:
-        import cupy
-    except Exception as e:  # noqa: BLE001 - any import failure means no GPU path
-        return f"CuPy is not importable ({type(e).__name__}: {e})"
-    try:
-        n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # noqa: BLE001
-        return f"no CUDA device ({type(e).__name__}: {e})"
-    if n < 1:
-        return "no CUDA device"
-    return None
+    """None when a CUDA device is usable, else why not (llmc.device.cuda_problem: the real cause,
+    e.g. "no NVIDIA driver on this machine", not CUDA's "driver version is insufficient")."""
+    from llmc.device import cuda_problem
+    return cuda_problem()
 
 
 def gpu_count():
@@ -36,6 +28,6 @@ def pytest_collection_modifyitems(config, items):
     reason = gpu_skip_reason()
     for item in items:
         if reason is not None and ("gpu" in item.keywords or "multigpu" in item.keywords):
-            item.add_marker(pytest.mark.skip(reason=f"gpu test: {reason}"))
+            item.add_marker(pytest.mark.skip(reason=f"needs a CUDA GPU: {reason}"))
         elif "multigpu" in item.keywords and gpu_count() < 2:
             item.add_marker(pytest.mark.skip(reason=f"needs 2+ GPUs, found {gpu_count()}"))

@@ -3,8 +3,8 @@
 Memory-bound. The fused AdamW update reads grads (bf16), master, m, v (fp32) and writes
 params (bf16), master, m, v: 28 bytes per parameter; in fp32 mode (params are the master) it
 reads p, g, m, v and writes p, m, v: also 28 bytes.
-The gradient norm reads the gradients once. `extra_info`: CUDA-event median ms, GB/s, fraction
-of 3.0 TB/s; for the bf16 update also PyTorch's fused AdamW (fp32 params and grads, one
+The gradient norm reads the gradients once. `extra_info`: CUDA-event median ms (L2 flushed), GB/s,
+fraction of this card's measured memory ceiling; for the bf16 update also PyTorch's fused AdamW (fp32 params and grads, one
 tensor) as a peer. Correctness is checked on a small buffer against llmc.optim first.
 
 Run:  python -m pytest bench/test_bench_adamw.py --benchmark-only -q

@@ -5,7 +5,7 @@ method of llmc.ops.attention (cuBLAS products + our softmax, a T x T matrix per 
 scaled_dot_product_attention(is_causal=True) with the FlashAttention-2 backend and the cuDNN
 backend as peers. Forward, and forward + backward (dqkv `=` from dout). FLOPs are counted causal,
 as in PEERS.md: forward 2*B*NH*T^2*HS, forward + backward 3.5x that. `extra_info`: CUDA-event
-median ms, TFLOP/s, fraction of 780 TFLOP/s, peer ms and speedups; the flash forward+backward
+median ms (L2 flushed), TFLOP/s, fraction of this card's bf16 8192^3 GEMM, peer ms and speedups; the flash forward+backward
 cases also give the backward alone. Correctness is checked on a small case first.
 
 Run:  python -m pytest bench/test_bench_attention.py --benchmark-only -q

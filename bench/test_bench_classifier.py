@@ -1,11 +1,12 @@
 """Fused classifier throughput at the GPT-2 124M micro-step shape: N = 64*1024 rows, Vp = 50304.
 
 The kernel is memory-bound: training mode reads the V real logits once and writes the (N, Vp)
-dlogits in place, eval mode only reads. `extra_info` has the CUDA-event median time, the GB/s of
-that minimum traffic and its fraction of the H100's measured 3.0 TB/s copy bandwidth; in the
-bf16 training case also PyTorch's F.cross_entropy forward+backward on the same GPU in the same
-run (bf16 logits as given, and upcast to fp32 as autocast does) and our speed-up over each.
-Correctness is checked on sampled rows against llmc.reference before any timing.
+dlogits in place, eval mode only reads. `extra_info` has the CUDA-event median time (L2 flushed),
+the GB/s of that minimum traffic and its fraction of this card's measured memory ceiling
+(bench/timing.py); in the bf16 training case also PyTorch's F.cross_entropy forward+backward on
+the same GPU in the same run (bf16 logits as given, and upcast to fp32 as autocast does) and
+our speed-up over each. Correctness is checked on sampled rows against llmc.reference before
+any timing.
 
 Run:  python -m pytest bench/test_bench_classifier.py --benchmark-only -q
 """
@@ -13,30 +14,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from bench.timing import record, torch_peer
 from llmc import reference
 from llmc.ops.classifier import classifier_bytes, fused_classifier
 from tests.tolerances import assert_close
 
-try:
-    from bench.timing import cuda_time
-except ModuleNotFoundError:  # bench/timing.py not written yet: the same measurement inline
-    def cuda_time(fn, warmup=3, iters=20):
-        """Median milliseconds of fn() between CUDA events on the current stream."""
-        import cupy
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(iters):
-            start, end = cupy.cuda.Event(), cupy.cuda.Event()
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(cupy.cuda.get_elapsed_time(start, end))
-        return float(np.median(times))
-
 N, V, VP = 65536, 50257, 50304
-PEAK_BYTES_PER_S = 3.0e12
 DTYPES = {"fp32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16)}
 UINT = {2: np.uint16, 4: np.uint32}
 
@@ -74,33 +57,23 @@ def check_sample(bits, logits, losses, targets, dtype, write_dlogits):
         assert np.array_equal(after, before), "eval mode must leave the logits unchanged"
 
 
-def torch_cross_entropy_ms(upcast: bool):
-    """Median ms of PyTorch F.cross_entropy forward+backward on (N, V) bf16 logits."""
-    import torch
-    import torch.nn.functional as F
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    leaf = (3.0 * torch.randn(N, V, device="cuda", generator=gen)).to(torch.bfloat16)
-    leaf.requires_grad_(True)
-    targets = torch.randint(0, V, (N,), device="cuda", generator=gen)
+def torch_cross_entropy(upcast: bool):
+    """make() for torch_peer: F.cross_entropy forward+backward on (N, V) bf16 logits."""
+    def make():
+        import torch
+        import torch.nn.functional as F
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        leaf = (3.0 * torch.randn(N, V, device="cuda", generator=gen)).to(torch.bfloat16)
+        leaf.requires_grad_(True)
+        targets = torch.randint(0, V, (N,), device="cuda", generator=gen)
 
-    def step():
-        leaf.grad = None
-        logits = leaf.float() if upcast else leaf
-        F.cross_entropy(logits, targets).backward()
-
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    del leaf, targets
-    torch.cuda.empty_cache()
-    return float(np.median(times))
+        def step():
+            leaf.grad = None
+            logits = leaf.float() if upcast else leaf
+            F.cross_entropy(logits, targets).backward()
+        step()  # fail here (out of memory) rather than while timing
+        return step
+    return make
 
 
 @pytest.mark.gpu
@@ -119,33 +92,17 @@ def test_bench_fused_classifier(benchmark, dtype, mode):
     def launch():
         fused_classifier(logits, losses, targets, V, 1.0 / N, write)
 
-    def launch_sync():
-        launch()
-        cupy.cuda.get_current_stream().synchronize()
-
-    ms = cuda_time(launch, 3, 20)
-    benchmark.pedantic(launch_sync, rounds=10, warmup_rounds=2, iterations=1)
     nbytes = classifier_bytes(N, V, VP, DTYPES[dtype].itemsize, write)
+    ms = record(benchmark, launch, nbytes=nbytes)
     info = benchmark.extra_info
-    info["ms"] = ms
-    info["GB_per_s"] = nbytes / (ms * 1e-3) / 1e9
-    info["fraction_of_3TB_per_s"] = nbytes / (ms * 1e-3) / PEAK_BYTES_PER_S
-    info["bytes"] = nbytes
     assert np.all(np.isfinite(losses.get())), "losses went non-finite while timing"
-
     if dtype == "bf16" and write:
         del bits, logits, losses, targets
         cupy.get_default_memory_pool().free_all_blocks()
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            info["torch"] = "not importable"
-            return
         for name, upcast in (("torch_bf16", False), ("torch_fp32_upcast", True)):
+            torch_peer(info, name, torch_cross_entropy(upcast), ms)
             try:
-                t_ms = torch_cross_entropy_ms(upcast)
-            except RuntimeError as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
-                info[f"{name}_ms"] = f"failed: {type(e).__name__}"
-                continue
-            info[f"{name}_ms"] = t_ms
-            info[f"speedup_vs_{name}"] = t_ms / ms
+                import torch
+                torch.cuda.empty_cache()
+            except ImportError:
+                pass

@@ -1,8 +1,8 @@
 """GELU throughput at the GPT-2 124M MLP activation: (B=64, T=1024, 4C=3072) = 201M elements.
 
 Memory-bound: the forward reads x and writes y (2 n bytes/elt), the backward reads x and dout and
-writes dinp in place (3 n). `extra_info`: CUDA-event median ms, GB/s and fraction of 3.0 TB/s,
-and PyTorch's F.gelu(approximate="tanh") on the same tensor (bf16 only) as a peer.
+writes dinp in place (3 n). `extra_info`: CUDA-event median ms (L2 flushed), GB/s and the
+fraction of this card's measured memory ceiling (bench/timing.py), and PyTorch's F.gelu(approximate="tanh") on the same tensor (bf16 only) as a peer.
 Correctness is checked on a small case against llmc.reference first.
 
 Run:  python -m pytest bench/test_bench_gelu.py --benchmark-only -q

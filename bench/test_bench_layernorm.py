@@ -2,8 +2,8 @@
 
 Memory-bound. Bytes are the minimum traffic: forward reads x and writes out (+ mean, rstd);
 fused residual reads two inputs and writes residual and out; residual reads two, writes one;
-backward reads dout, x and dinp and writes dinp (dinp +=). `extra_info`: CUDA-event median ms,
-GB/s, fraction of 3.0 TB/s; in bf16 also PyTorch's F.layer_norm forward and forward+backward
+backward reads dout, x and dinp and writes dinp (dinp +=). `extra_info`: CUDA-event median ms (L2
+flushed), GB/s, fraction of this card's measured memory ceiling; in bf16 also PyTorch's F.layer_norm forward and forward+backward
 as peers. Correctness is checked on a small case against llmc.reference first.
 
 Run:  python -m pytest bench/test_bench_layernorm.py --benchmark-only -q

@@ -6,8 +6,8 @@ Forward (bias added in the product's epilogue), forward without bias (the produc
 the bias costs), backward (dinp, dweight += and the deterministic dbias), backward without
 bias, fcproj's backward with the GELU backward fused into dinp (`unfused_ms`: the same
 backward, then our gelu_backward kernel), and the dbias reduction alone (memory-bound: reads
-dout once). `extra_info`: CUDA-event median ms, TFLOP/s and fraction of 780 TFLOP/s for the
-products, GB/s for dbias; in bf16 also PyTorch's F.linear (cuBLASLt with the bias epilogue) as
+dout once). `extra_info`: CUDA-event median ms (L2 flushed), TFLOP/s and fraction of this card's
+8192^3 GEMM of the same dtype for the products, GB/s and fraction of its memory ceiling for dbias; in bf16 also PyTorch's F.linear (cuBLASLt with the bias epilogue) as
 a peer for the forward.
 Correctness is checked on a small case against llmc.reference first.
 
@@ -82,7 +82,7 @@ def test_bench_matmul(benchmark, dtype, layer, kind):
     if kind in ("forward", "forward_nobias"):
         bias = b if kind == "forward" else None
         ms = record(benchmark, lambda: matmul_forward(out, x, w, bias),
-                    flops=matmul_flops(N, OC, C))
+                    flops=matmul_flops(N, OC, C), dtype=dtype)
         if dtype == "bf16" and kind == "forward":
             def make():
                 import torch
@@ -100,13 +100,13 @@ def test_bench_matmul(benchmark, dtype, layer, kind):
     if kind in ("backward", "backward_nobias"):
         dbias = db if kind == "backward" else None
         record(benchmark, lambda: matmul_backward(dinp, dw, dbias, dout, x, w, scratch),
-               flops=2 * matmul_flops(N, OC, C))
+               flops=2 * matmul_flops(N, OC, C), dtype=dtype)
         return
     if kind == "backward_dgelu":
         pre = device_randn((N, C), dt, 5)
         ms = record(benchmark, lambda: matmul_backward(dinp, dw, db, dout, x, w, scratch,
                                                        pre_gelu=pre),
-                    flops=2 * matmul_flops(N, OC, C))
+                    flops=2 * matmul_flops(N, OC, C), dtype=dtype)
 
         def unfused():
             matmul_backward(dinp, dw, db, dout, x, w, scratch)

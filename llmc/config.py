@@ -265,15 +265,17 @@ def _arg_type(tp):
 def build_parser(prog: str = "python -m llmc.train") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description="Train GPT-2 with llmc. With no flags: a quick demo on the bundled "
-        "tiny-shakespeare (d12 on a GPU, a small model on a CPU).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "tiny-shakespeare (d12 on a GPU, a small model on a CPU).")
     for f in dataclasses.fields(TrainConfig):
         tp = _arg_type(f.type)
+        text = f.metadata.get("help", "")
         if tp is bool:  # a switch: --overwrite
             parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action="store_true",
-                                help=f.metadata.get("help", ""))
+                                help=text)
             continue
-        kw = dict(type=tp, default=f.default, help=f.metadata.get("help", ""))
+        if f.default is not None and "[default" not in text:  # one default per flag, one format
+            text += f" [default: {f.default}]"
+        kw = dict(type=tp, default=f.default, help=text)
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)

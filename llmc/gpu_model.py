@@ -48,6 +48,7 @@ from llmc.activations import Activations
 from llmc.config import ModelConfig
 from llmc.ops import BF16, F32, as_dtype
 from llmc.ops import attention, classifier, encoder, gelu, layernorm, matmul
+from llmc.ops.arrays import from_host, to_host  # noqa: F401 - re-exported for gpu_optim, tests
 from llmc.params import num_params, views
 
 LAYER_PARAMS = ("ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
@@ -294,24 +295,3 @@ def _check_host_tokens(name, x: np.ndarray, V: int) -> np.ndarray:
                          f"[{int(x.min())}, {int(x.max())}]")
     return np.ascontiguousarray(x, dtype=np.int32)
 
-
-_RAW = {2: np.uint16, 4: np.uint32}
-
-
-def to_host(arr) -> np.ndarray:
-    """Device floatX array (any strides) -> contiguous host array of the same dtype.
-
-    Moved as raw bits (uint16/uint32 views), so no CuPy kernel ever has to know bfloat16.
-    """
-    import cupy
-    raw = _RAW[arr.itemsize]
-    return np.ascontiguousarray(cupy.asnumpy(arr.view(raw))).view(arr.dtype)
-
-
-def from_host(dst, host: np.ndarray) -> None:
-    """Contiguous host array -> contiguous device `dst` of the same dtype and size (raw bits)."""
-    import cupy
-    raw = _RAW[dst.itemsize]
-    stream = cupy.cuda.get_current_stream()
-    dst.view(raw).set(np.ascontiguousarray(host).view(raw).reshape(dst.shape), stream=stream)
-    stream.synchronize()  # the pageable host buffer may be freed when we return

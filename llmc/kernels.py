@@ -11,6 +11,7 @@ Design:
 
 CPU-only check (no GPU needed; cupy-cuda12x + the NVRTC/runtime/CCCL wheels):
     python -m llmc.kernels --check            # every family, both dtypes, sm_80 and sm_90a
+    python -m llmc.kernels --list             # the families, their sources and kernels
 """
 from __future__ import annotations
 
@@ -123,6 +124,13 @@ def families() -> list:
     return [f for f in FAMILIES if (root / f"{f}.cu").is_file()]
 
 
+def entry_points(family: str) -> list:
+    """The `extern "C" __global__` kernels of a family, in source order."""
+    text = (kernel_dir() / f"{family}.cu").read_text()
+    return re.findall(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?'
+                      r'(\w+)\s*\(', text)
+
+
 # ----------------------------------------------------------------------------------------------
 # CPU-only compile check through NVRTC directly (no device, no driver needed)
 
@@ -173,10 +181,11 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="compile every kernel for sm_80 and sm_90a on the CPU")
     ap.add_argument("--arch", action="append", help="arch(s) for --check (default sm_80, sm_90a)")
-    ap.add_argument("--list", action="store_true", help="list the kernel families")
+    ap.add_argument("--list", action="store_true", help="list the kernel families with their source files and kernels (the default)")
     args = ap.parse_args(argv)
     if args.list or not args.check:
-        print("\n".join(f"{kernel_dir() / f}.cu" for f in families()))
+        for fam in families():
+            print(f"{fam:20s} kernels/{fam}.cu: {', '.join(entry_points(fam))}")
         return 0
     problems = check_all(tuple(args.arch or CHECK_ARCHS))
     for p in problems:

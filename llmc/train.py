@@ -105,9 +105,11 @@ def pick_device(requested: str) -> str:
     """'auto' -> 'cuda' when a GPU is usable, else 'cpu'; 'cuda' without one is a ConfigError."""
     if requested == "auto":
         return "cuda" if cuda_available() else "cpu"
-    if requested == "cuda" and not cuda_available():
-        raise ConfigError("--device cuda: no usable CUDA GPU (is CuPy installed with "
-                          "`pip install llmc[cuda12]` or `[cuda13]`?); use --device cpu")
+    if requested == "cuda":
+        from llmc.device import cuda_problem
+        problem = cuda_problem()
+        if problem is not None:
+            raise ConfigError(f"--device cuda: {problem}; or train on the CPU with --device cpu")
     return requested
 
 

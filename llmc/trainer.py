@@ -19,13 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def cuda_available() -> bool:
-    try:
-        import cupy
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # noqa: BLE001 - no CuPy, no driver, no device: all mean "no GPU"
-        return False
+from llmc.device import cuda_available  # noqa: F401 - where llmc.train looks for it
 
 
 def device_name() -> str:

@@ -1,10 +1,12 @@
 """Moving test arrays between host and device, and poisoning outputs, for the kernel tests.
 
-Arrays travel as raw bits (uint16 for bf16, uint32 for fp32) because CuPy copies bf16 only
-through a view; outputs start as NaN so an element a kernel forgets to write fails the test.
+Transfers are llmc.ops.arrays' (raw bits, so bf16 arrives bit for bit); outputs start as NaN so
+an element a kernel forgets to write fails the test.
 """
 import ml_dtypes
 import numpy as np
+
+from llmc.ops.arrays import to_device, to_host
 
 DTYPES = {"fp32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16)}
 UINT = {2: np.uint16, 4: np.uint32}
@@ -13,14 +15,12 @@ NAN_BITS = {2: 0x7FC0, 4: 0x7FC00000}
 
 def device(x):
     """Host array -> device array of the same dtype."""
-    import cupy
-    return cupy.asarray(x.view(UINT[x.itemsize])).view(x.dtype)
+    return to_device(x)
 
 
 def host_bits(arr):
     """Device array -> host array of its raw bits (for bitwise comparisons)."""
-    import cupy
-    return cupy.asnumpy(arr.view(UINT[arr.itemsize]))
+    return to_host(arr).view(UINT[arr.itemsize])
 
 
 def host(arr):

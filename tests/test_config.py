@@ -81,3 +81,14 @@ def test_classifier_chunks_default_and_check():
     assert resolve(TrainConfig(batch_size=16, seq_len=1024), "cuda").classifier_chunks == 1
     with pytest.raises(ConfigError, match="--classifier-chunks 3 must be >= 1 and divide"):
         resolve(TrainConfig(batch_size=4, seq_len=64, classifier_chunks=3), "cpu")
+
+
+def test_help_gives_each_default_once():
+    """`--help` says every default once, as "[default: ...]", never "(default: None)"."""
+    from llmc.config import build_parser
+    text = " ".join(build_parser().format_help().split())
+    assert "(default:" not in text
+    assert "[default: d12 on cuda, d4 on cpu]" in text
+    assert "[default: 1337]" in text and "[default: auto]" in text
+    for action in build_parser()._actions:
+        assert (action.help or "").count("[default") <= 1, action.help

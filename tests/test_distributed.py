@@ -198,7 +198,21 @@ class _Recording(Watchdog):
         self._stop.set()
 
 
+def _wait_for_heartbeats(store, ranks, limit_s=30.0):
+    """Until every rank in `ranks` has written a heartbeat (a loaded machine may take a while)."""
+    deadline = time.monotonic() + limit_s
+    while any(v is None for v in store.get_many([f"hb/{r}" for r in ranks])):
+        assert time.monotonic() < deadline, f"ranks {ranks} wrote no heartbeat in {limit_s}s"
+        time.sleep(0.01)
+
+
 def test_watchdog_names_rank_behind_a_collective():
+    """Rank 0 waits on collective #5 that rank 1 issued and rank 2 did not.
+
+    Rank 0's watchdog starts only after ranks 1 and 2 have published how many collectives they
+    issued, so its first look at the store already knows both counts: the message it gives is
+    fixed, whatever the load (before, a slow start of rank 1 made it "ranks 1, 2").
+    """
     server = TCPStoreServer(0)
     try:
         store = server.local()
@@ -207,13 +221,17 @@ def test_watchdog_names_rank_behind_a_collective():
                         pending=lambda: (5, "all_reduce", old))
         w1 = _Recording(store, 1, 3, 1.0, interval_s=0.05, issued=lambda: 6)  # issued #5
         w2 = _Recording(store, 2, 3, 1.0, interval_s=0.05, issued=lambda: 5)  # stuck before #5
-        for w in (w1, w2, w0):
+        for w in (w0, w1, w2):
             w.failed = None
-            w.start()
-        w0._thread.join(10)
+        w1.start(), w2.start()
+        _wait_for_heartbeats(store, [1, 2])
+        w0.start()
+        w0._thread.join(30)
         assert w0.failed is not None
-        assert "all_reduce (collective #5)" in w0.failed and "rank 2 never issued it" in w0.failed
-        assert w1.failed is None and w2.failed is None
+        assert "all_reduce (collective #5)" in w0.failed, w0.failed
+        assert "rank 2 never issued it" in w0.failed, w0.failed
+        for w in (w1, w2):  # they wait on no collective; at most they see rank 0 go silent
+            assert w.failed is None or "collective" not in w.failed, w.failed
     finally:
         for w in (w0, w1, w2):
             w._stop.set()
@@ -221,18 +239,20 @@ def test_watchdog_names_rank_behind_a_collective():
 
 
 def test_watchdog_ignores_a_rank_that_closed():
+    """A rank that closed its watchdog (finished) is never blamed, however long it is silent."""
     server = TCPStoreServer(0)
     try:
         store = server.local()
         w0 = _Recording(store, 0, 2, 0.5, interval_s=0.05)
         w1 = _Recording(store, 1, 2, 0.5, interval_s=0.05)
         w0.failed = w1.failed = None
-        w0.start(), w1.start()
-        time.sleep(0.3)
-        w1.stop()
-        time.sleep(1.2)
-        assert w0.failed is None
+        w1.start()
+        _wait_for_heartbeats(store, [1])
+        w1.stop()  # writes "closed" before w0 ever looks, so no heartbeat age can count
         assert store.get("hb/1").startswith(b"closed")
+        w0.start()
+        time.sleep(1.5)  # three timeouts
+        assert w0.failed is None, w0.failed
         w0.stop()
     finally:
         server.close()

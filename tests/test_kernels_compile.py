@@ -34,3 +34,15 @@ def test_all_kernels_compile_cleanly():
 def test_family_present(family):
     """The families of this part of llmc exist (check_all skips missing files silently)."""
     assert family in kernels.families()
+
+
+def test_list_names_families_and_their_kernels(capsys):
+    """`python -m llmc.kernels --list` prints one line per family: name, source, entry points."""
+    from llmc import kernels
+    assert kernels.main(["--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == kernels.families()
+    for line in lines:
+        fam = line.split()[0]
+        assert f"kernels/{fam}.cu: " in line and kernels.entry_points(fam), line
+    assert "gelu_forward, gelu_backward" in "\n".join(lines)

@@ -1,5 +1,21 @@
 """GPU ops: one thin launcher module per kernel family,
-kernels/<family>.cu -> llmc/ops/<family>.py.
+kernels/<family>.cu -> llmc/ops/<family>.py, and the public op API.
+
+    from llmc import ops
+    x = ops.to_device(host_bf16)            # NumPy (ml_dtypes.bfloat16, float32, int32) -> CuPy
+    y = ops.gelu(x)                         # functional forms allocate their outputs
+    out, saved = ops.layernorm(x, w, b)     # ... and return what their backward needs
+    dx, dw, db = ops.layernorm_grad(dout, x, w, saved)
+    ops.gelu_forward(y, x)                  # out= forms write into preallocated buffers
+    ops.to_host(y)                          # CuPy -> NumPy, same dtype
+
+Every op has both forms: the functional one (`gelu`, `gelu_grad`, ...) allocates outputs,
+saved arrays and scratch on each call and returns gradients as new arrays; the out= one
+(`gelu_forward`, `gelu_backward`, ...) is what a training loop that allocates once calls, and
+its docstring says which gradients it writes (`=`) and which it accumulates (`+=`). docs/OPS.md
+lists them all with their kernels, tests and benchmarks. A family module is also callable as its
+functional form (`ops.gelu(x)` is `ops.gelu.gelu(x)`), so `from llmc.ops import gelu` still
+gives the module with its launchers.
 
 Every launcher validates its arguments with `check` (shape, dtype, C-contiguity, device; a
 `ValueError` naming the argument, what was expected and what came), picks the module variant
@@ -121,3 +137,58 @@ def set_dynamic_smem(kernel, nbytes: int):
     """Opt a kernel into more than 48 KiB of dynamic shared memory when it needs it."""
     if nbytes > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < nbytes:
         kernel.max_dynamic_shared_size_bytes = nbytes
+
+
+# ---------------------------------------------------------------------------------------------
+# The public API. Imported last: the family modules import the helpers above.
+
+import importlib as _importlib  # noqa: E402
+import inspect as _inspect  # noqa: E402
+import types as _types  # noqa: E402
+
+from llmc.ops.arrays import empty, from_host, scratch, to_device, to_host, zeros  # noqa: E402
+from llmc.ops.adamw import (adamw_update, decay_table, global_norm,  # noqa: E402
+                            global_norm_scratch_size, global_norm_squared)
+from llmc.ops.attention import (attention_backward, attention_buffers,  # noqa: E402
+                                attention_forward, attention_grad, attention_scratch,
+                                resolve_method)
+from llmc.ops.classifier import cross_entropy, cross_entropy_grad, fused_classifier  # noqa: E402
+from llmc.ops.encoder import (encoder_backward, encoder_backward_scratch_size,  # noqa: E402
+                              encoder_forward, encoder_grad)
+from llmc.ops.flash_attention import (flash_attention_backward,  # noqa: E402
+                                      flash_attention_forward, flash_attention_grad,
+                                      flash_scratch_shapes)
+from llmc.ops.gelu import gelu_backward, gelu_forward, gelu_grad  # noqa: E402
+from llmc.ops.layernorm import (fused_residual_layernorm_forward, layernorm_backward,  # noqa: E402
+                                layernorm_backward_scratch_size, layernorm_forward,
+                                layernorm_grad, residual, residual_forward, residual_layernorm)
+from llmc.ops.matmul import (bias_backward, matmul_backward,  # noqa: E402
+                             matmul_backward_scratch_size, matmul_forward, matmul_grad)
+
+
+class _Family(_types.ModuleType):
+    """A family module that is also its functional form: ops.gelu(x) calls ops.gelu.gelu(x)."""
+
+    def __call__(self, *args, **kwargs):
+        return self._functional(*args, **kwargs)
+
+
+# family modules whose functional form carries the family's name
+CALLABLE_FAMILIES = ("encoder", "layernorm", "matmul", "gelu", "attention", "flash_attention")
+for _name in CALLABLE_FAMILIES:
+    _module = _importlib.import_module(f"llmc.ops.{_name}")
+    _module.__class__ = _Family
+    _module._functional = getattr(_module, _name)
+    _module.__signature__ = _inspect.signature(_module._functional)
+del _name, _module
+
+FUNCTIONAL = ("encoder", "encoder_grad", "layernorm", "layernorm_grad", "residual",
+              "residual_layernorm", "matmul", "matmul_grad", "gelu", "gelu_grad", "attention",
+              "attention_grad", "flash_attention", "flash_attention_grad", "cross_entropy",
+              "cross_entropy_grad", "global_norm")
+OUT_FORMS = ("encoder_forward", "encoder_backward", "layernorm_forward",
+             "fused_residual_layernorm_forward", "residual_forward", "layernorm_backward",
+             "matmul_forward", "matmul_backward", "bias_backward", "gelu_forward",
+             "gelu_backward", "attention_forward", "attention_backward",
+             "flash_attention_forward", "flash_attention_backward", "fused_classifier",
+             "global_norm_squared", "adamw_update")

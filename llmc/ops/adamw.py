@@ -4,6 +4,7 @@
     adamw_update(params floatX (n,), master f32 (n,) | None, grads floatX (n,), m f32 (n,),
                  v f32 (n,), norm_sq f32 (1,), *, lr, beta1, beta2, eps, weight_decay, step,
                  grad_clip, seed, ranges, offset=0)
+    global_norm(grads) -> norm_sq f32 (1,)      global_norm_squared, allocating output and scratch
 
 The update is one launch over the whole buffer (or a ZeRO shard of it): clip factor from the
 device-side norm_sq (no host sync), AdamW per docs/DESIGN.md with bias correction t = step,
@@ -23,6 +24,7 @@ import numpy as np
 from llmc import kernels
 from llmc.ops import (BF16, F32, ceil_div, check, check_aligned, check_scratch, dtype_name,
                       pack_size)
+from llmc.ops.arrays import empty, scratch as new_scratch
 
 NORM_BLOCK = 512
 NORM_MAX_BLOCKS = 1024
@@ -108,3 +110,23 @@ def adamw_update(params, master, grads, m, v, norm_sq, *, lr, beta1, beta2, eps,
          np.float32(eps), np.float32(weight_decay), np.int32(step), np.float32(grad_clip),
          np.uint32(seed & 0xFFFFFFFF)))
     return params
+
+
+def global_norm(*grads):
+    """Sum of squares of every element of the given gradient arrays; a new f32 (1,) device array.
+
+    Each array: 1-D, bf16 or fp32, 16-byte aligned (reshape(-1) a contiguous one). Deterministic;
+    nothing is read back to the host: pass the result to adamw_update as norm_sq, or
+    float(cupy.sqrt(norm_sq[0])) for the norm. Several arrays are summed on the device.
+    """
+    if not grads:
+        raise ValueError("grads: expected at least one gradient array")
+    for i, g in enumerate(grads):
+        check(f"grads[{i}]", g)
+    out = empty((1,), F32)
+    part = empty((1,), F32)
+    for i, g in enumerate(grads):
+        global_norm_squared(out if i == 0 else part, g, new_scratch(global_norm_scratch_size(g.size)))
+        if i:
+            out += part
+    return out

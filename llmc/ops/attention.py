@@ -3,6 +3,9 @@ dispatch to the "flash" method (llmc/ops/flash_attention.py).
 
     attention_forward(out (B,T,C), saved, qkv (B,T,3C), n_head, scratch)
     attention_backward(dqkv (B,T,3C) =, dout (B,T,C), qkv, out, saved, n_head, scratch)
+    attention(qkv, n_head, method="auto") -> out, saved
+    attention_grad(dout, qkv, out, saved, n_head) -> dqkv
+        the same, allocating outputs, saved arrays and scratch
 
 `saved` holds one layer's arrays kept from the forward for the backward; `scratch` is one dict
 shared by every layer. Both are allocated once by the model from `attention_buffers(...)` and
@@ -36,6 +39,7 @@ import numpy as np
 from llmc import kernels
 from llmc.cublas import gemm
 from llmc.ops import BF16, F32, FLOATX, as_dtype, ceil_div, check, dtype_name
+from llmc.ops.arrays import empty
 
 METHODS = ("matmul", "flash")
 FLASH_HEAD_SIZE = 64  # the head size (and bf16 the dtype) the flash kernel is written for
@@ -216,3 +220,34 @@ def attention_backward(dqkv, dout, qkv, out, saved, n_head: int, scratch):
     gemm(dk, datt3, q, trans_a=True, alpha=1.0, beta=0.0)
     _elementwise("merge_heads", dt, dqkv, dqkvp, 3, B, T, NH, HS)
     return dqkv
+
+
+# ---------------------------------------------------------------------------------------------
+# functional forms: allocate their outputs, saved arrays and scratch
+
+
+def attention(qkv, n_head: int, method: str = "auto"):
+    """Causal self-attention; returns (out, saved) as new arrays.
+
+    qkv: (B, T, 3C), q, k, v at channels [0, C), [C, 2C), [2C, 3C), bf16 or fp32; n_head divides
+    C. method: "auto" (flash for bf16 with head size 64, else matmul), "flash" or "matmul".
+    out: (B, T, C) of qkv's dtype. saved: what attention_grad needs besides qkv and out, a dict:
+    {"lse": (B, NH, T) f32} (flash) or {"att": (B, NH, T, T) softmax probabilities} (matmul).
+    """
+    B, T, C, NH, HS = _check_qkv(qkv, n_head)
+    saved = allocate(attention_buffers(B, T, C, NH, qkv.dtype, method))
+    scratch = allocate(attention_scratch(B, T, C, NH, qkv.dtype, method))
+    out = empty((B, T, C), qkv.dtype)
+    attention_forward(out, saved, qkv, n_head, scratch)
+    return out, saved
+
+
+def attention_grad(dout, qkv, out, saved, n_head: int):
+    """dqkv (B, T, 3C), a new array: the gradient of attention through dout (B, T, C).
+
+    qkv, out, saved: the forward's input and outputs (the method is read off saved).
+    """
+    B, T, C, NH, HS = _check_qkv(qkv, n_head)
+    scratch = allocate(attention_scratch(B, T, C, NH, qkv.dtype, _method_of(saved)))
+    dqkv = empty((B, T, 3 * C), qkv.dtype)
+    return attention_backward(dqkv, dout, qkv, out, saved, n_head, scratch)

@@ -1,6 +1,8 @@
 """Fused classifier launcher (kernels/classifier.cu): softmax cross-entropy, loss and dlogits.
 
     fused_classifier(logits (N, Vp) floatX in/out, losses f32 (N,) =, targets int32 (N,), V, dloss)
+    cross_entropy(logits, targets, V) -> losses                 logits untouched
+    cross_entropy_grad(logits, targets, V, dloss=1/N) -> losses, dlogits   logits untouched
 
 One block per row. The loss of each row is logsumexp(logits[:V]) - logits[target]; with
 write_dlogits (training) the row is overwritten in place by dloss * (softmax - onehot(target))
@@ -20,6 +22,7 @@ import numpy as np
 
 from llmc import kernels
 from llmc.ops import FLOATX, I32, F32, ceil_div, check, check_aligned, dtype_name
+from llmc.ops.arrays import empty
 
 BLOCK = 512  # threads per row: Vp = 50304 bf16 is 6288 16-byte chunks, ~12 per thread
 
@@ -50,3 +53,34 @@ def classifier_bytes(N: int, V: int, Vp: int, itemsize: int, write_dlogits: bool
     read = N * ceil_div(V, 16 // itemsize) * 16
     written = N * Vp * itemsize if write_dlogits else 0
     return read + written + N * 4 * 2
+
+
+# ---------------------------------------------------------------------------------------------
+# functional forms: allocate their outputs
+
+
+def cross_entropy(logits, targets, V: int):
+    """Per-row softmax cross-entropy over the first V columns; losses (N,) f32, a new array.
+
+    logits: (N, Vp) bf16 or fp32, Vp >= V, rows a multiple of 16 bytes (columns V..Vp are
+    padding and ignored); targets: int32 (N,) in [0, V). logits are left untouched.
+    """
+    check("logits", logits, (None, None), FLOATX)
+    return fused_classifier(logits, empty((logits.shape[0],), F32), targets, V, 0.0,
+                            write_dlogits=False)
+
+
+def cross_entropy_grad(logits, targets, V: int, dloss: float | None = None):
+    """Losses and their gradient; returns (losses (N,) f32, dlogits (N, Vp)), new arrays.
+
+    dlogits = dloss * (softmax(logits[:, :V]) - onehot(targets)), 0 in the padded columns;
+    dloss is d(your loss)/d(each row's loss): 1/N (the default) for the mean over the N rows.
+    logits are left untouched (a copy is overwritten; fused_classifier works in place).
+    """
+    check("logits", logits, (None, None), FLOATX)
+    N = logits.shape[0]
+    dlogits = empty(logits.shape, logits.dtype)
+    dlogits.data.copy_from_device_async(logits.data, logits.nbytes)
+    losses = fused_classifier(dlogits, empty((N,), F32), targets, V,
+                              1.0 / max(N, 1) if dloss is None else dloss, write_dlogits=True)
+    return losses, dlogits

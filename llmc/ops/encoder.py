@@ -2,6 +2,8 @@
 
     encoder_forward(out (B,T,C), inp int32 (B,T), wte (Vp,C), wpe (maxT,C))
     encoder_backward(dwte (Vp,C) +=, dwpe (maxT,C) +=, dout (B,T,C), inp int32 (B,T), scratch)
+    encoder(inp, wte, wpe) -> out ; encoder_grad(dout, inp, wte.shape, wpe.shape) -> dwte, dwpe
+        the same, allocating outputs and scratch (the gradients are new arrays, not +=)
 
 C must be a multiple of the 128-bit pack (8 for bf16, 4 for fp32) and T <= maxT. Token ids
 outside [0, Vp) give NaN rows in the forward and are skipped by the backward (the kernels
@@ -18,6 +20,7 @@ import numpy as np
 from llmc import kernels
 from llmc.ops import (I32, ceil_div, check, check_scratch, dtype_name, pack_size,
                       round_up)
+from llmc.ops.arrays import empty, scratch as new_scratch, zeros
 
 BLOCK = 256
 SCAN_BLOCK = 1024
@@ -105,3 +108,31 @@ def encoder_backward(dwte, dwpe, dout, inp, scratch):
                       (dwte, partial, dout, sorted_, starts, inp, np.int32(C), np.int32(Vp)))
     fn("dwte_combine")((pieces, ceil_div(C, 128)), (COMBINE_BLOCK,),
                        (dwte, partial, sorted_, starts, inp, np.int32(C), np.int32(Vp)))
+
+
+# ---------------------------------------------------------------------------------------------
+# functional forms: allocate their outputs and scratch
+
+
+def encoder(inp, wte, wpe):
+    """Token + position embedding; returns out (B, T, C), a new array of wte's dtype.
+
+    inp: int32 (B, T) token ids in [0, Vp); wte: (Vp, C), wpe: (maxT, C), bf16 or fp32, T <= maxT,
+    C a multiple of 8 (bf16) or 4 (fp32). Saves nothing: the backward needs inp only.
+    """
+    check("inp", inp, (None, None), I32)
+    check("wte", wte, (None, None))
+    B, T = inp.shape
+    return encoder_forward(empty((B, T, wte.shape[1]), wte.dtype), inp, wte, wpe)
+
+
+def encoder_grad(dout, inp, wte_shape, wpe_shape):
+    """Gradients of encoder through dout (B, T, C); returns (dwte, dwpe), new arrays of dout's
+    dtype and the given shapes ((Vp, C), (maxT, C)) holding the gradient itself. Deterministic."""
+    check("dout", dout, (None, None, None))
+    B, T, C = dout.shape
+    Vp = int(wte_shape[0])
+    dwte, dwpe = zeros(tuple(wte_shape), dout.dtype), zeros(tuple(wpe_shape), dout.dtype)
+    encoder_backward(dwte, dwpe, dout, inp,
+                     new_scratch(encoder_backward_scratch_size(B, T, C, Vp)))
+    return dwte, dwpe

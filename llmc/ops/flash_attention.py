@@ -4,6 +4,8 @@ kernels/flash_attention_bwd.cu (backward). bf16 only, head size 64, no T x T mat
     flash_attention_forward(out (B,T,C) =, lse (B,NH,T) f32 =, qkv (B,T,3C), n_head)
     flash_attention_backward(dqkv (B,T,3C) =, dout (B,T,C), qkv, out, lse, n_head, scratch)
     flash_scratch_shapes(B, T, C, NH) -> {"D": ((B, NH, T), float32)}
+    flash_attention(qkv, n_head) -> out, lse ; flash_attention_grad(dout, qkv, out, lse, n_head)
+        -> dqkv: the same, allocating outputs and scratch
 
 qkv holds q, k, v at channels [0, C), [C, 2C), [2C, 3C), head h at h*64..h*64+63; lse is the
 natural-log softmax normalizer per (b, h, t), saved by the forward for the backward.
@@ -27,6 +29,7 @@ import numpy as np
 
 from llmc import kernels
 from llmc.ops import BF16, F32, check, check_aligned, ceil_div
+from llmc.ops.arrays import empty
 
 HEAD_SIZE = 64
 TILE = 64  # rows of the streamed K/V (forward, dq) or Q/dO (dk/dv) tiles, as FA_TILE
@@ -129,3 +132,27 @@ def flash_attention_backward(dqkv, dout, qkv, out, lse, n_head: int, scratch):
     _kernel("flash_attention_bwd", "dkdv", w)(
         (grid,), (32 * w,), (dqkv, dout, qkv, lse, D) + sizes, shared_mem=_smem_bytes("dkdv", w))
     return dqkv
+
+
+# ---------------------------------------------------------------------------------------------
+# functional forms: allocate their outputs and scratch
+
+
+def flash_attention(qkv, n_head: int):
+    """Causal flash attention; returns (out, lse) as new arrays.
+
+    qkv: (B, T, 3C) bf16 with head size C / n_head = 64. out: (B, T, C) bf16; lse: (B, NH, T) f32,
+    the softmax normalizers flash_attention_grad needs (with qkv and out).
+    """
+    B, T, C, NH = _check_qkv(qkv, n_head)
+    out, lse = empty((B, T, C), BF16), empty((B, NH, T), F32)
+    flash_attention_forward(out, lse, qkv, NH)
+    return out, lse
+
+
+def flash_attention_grad(dout, qkv, out, lse, n_head: int):
+    """dqkv (B, T, 3C) bf16, a new array: the gradient of flash_attention through dout (B, T, C)."""
+    B, T, C, NH = _check_qkv(qkv, n_head)
+    scratch = {name: empty(shape, dt) for name, (shape, dt) in
+               flash_scratch_shapes(B, T, C, NH).items()}
+    return flash_attention_backward(empty((B, T, 3 * C), BF16), dout, qkv, out, lse, NH, scratch)

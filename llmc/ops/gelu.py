@@ -2,6 +2,7 @@
 
     gelu_forward(out, inp)            out = gelu(inp)
     gelu_backward(dinp, inp, dout)    dinp = gelu'(inp) * dout   (=, dinp may be dout itself)
+    gelu(x) -> y ; gelu_grad(x, dout) -> dx     the same, allocating their outputs
 
 Any shape (the MLP uses (B, T, 4C)); arrays C-contiguous, floatX (bf16 or fp32), 16-byte
 aligned for the kernels' 128-bit access. One thread per 128-bit pack.
@@ -12,6 +13,7 @@ import numpy as np
 
 from llmc import kernels
 from llmc.ops import ceil_div, check, check_aligned, check_same, dtype_name, pack_size
+from llmc.ops.arrays import empty
 
 BLOCK = 256
 
@@ -47,3 +49,26 @@ def gelu_backward(dinp, inp, dout):
     kernels.function("gelu", "gelu_backward", dt)(
         _grid(inp.size, inp.dtype), (BLOCK,), (dinp, inp, dout, np.int64(inp.size)))
     return dinp
+
+
+# ---------------------------------------------------------------------------------------------
+# functional forms: allocate their outputs
+
+
+def gelu(x):
+    """y = gelu(x), tanh approximation; a new array.
+
+    x: any shape, C-contiguous, bf16 or fp32, 16-byte aligned. Returns y of x's shape and dtype.
+    Saves nothing: the backward needs x itself.
+    """
+    check("x", x)
+    return gelu_forward(empty(x.shape, x.dtype), x)
+
+
+def gelu_grad(x, dout):
+    """dx = gelu'(x) * dout; a new array (written, not accumulated).
+
+    x: the forward's input; dout: the gradient of y, x's shape and dtype.
+    """
+    check("x", x)
+    return gelu_backward(empty(x.shape, x.dtype), x, dout)

@@ -5,6 +5,11 @@
         residual = inp1 + inp2 (stored), then out = LayerNorm(residual)
     residual_forward(out, inp1, inp2)                       out = inp1 + inp2 (any shape)
     layernorm_backward(dinp +=, dweight +=, dbias +=, dout, inp, weight, mean, rstd, scratch)
+Functional forms (allocate their outputs and scratch):
+    layernorm(x, weight, bias) -> out, (mean, rstd)
+    layernorm_grad(dout, x, weight, saved) -> dx, dweight, dbias
+    residual_layernorm(a, b, weight, bias) -> residual, out, (mean, rstd)
+    residual(a, b) -> a + b
 
 Rows may be given as (N, C) or (B, T, C): every dimension but the last is a row. C must be a
 multiple of the 128-bit pack (8 bf16 / 4 fp32). One warp per row; the forward caches the row in
@@ -18,6 +23,7 @@ import numpy as np
 from llmc import kernels
 from llmc.ops import (F32, ceil_div, check, check_aligned, check_same, check_scratch,
                       dtype_name, pack_size, set_dynamic_smem)
+from llmc.ops.arrays import empty, scratch as new_scratch, zeros
 
 FWD_WARPS = 8       # rows per forward block
 BWD_WARPS = 4       # rows in flight per backward block
@@ -132,3 +138,64 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scra
            shared_mem=smem)
     kernels.function("layernorm", "layernorm_backward_reduce", dt)(
         (ceil_div(2 * C, 32),), (32, 32), (dweight, dbias, partial, np.int32(G), np.int32(C)))
+
+
+# ---------------------------------------------------------------------------------------------
+# functional forms: allocate their outputs and scratch
+
+
+def layernorm(x, weight, bias, eps: float = 1e-5):
+    """LayerNorm over the last dimension; returns (out, saved) as new arrays.
+
+    x: (N, C) or (B, T, C), bf16 or fp32, C a multiple of 8 (bf16) or 4 (fp32); weight, bias:
+    (C,) of x's dtype. out: x's shape and dtype. saved = (mean, rstd): fp32 of shape x.shape[:-1],
+    the row statistics layernorm_grad needs (with x and weight).
+    """
+    check("x", x)
+    stats = x.shape[:-1]
+    out, mean, rstd = empty(x.shape, x.dtype), empty(stats, F32), empty(stats, F32)
+    layernorm_forward(out, mean, rstd, x, weight, bias, eps)
+    return out, (mean, rstd)
+
+
+def layernorm_grad(dout, x, weight, saved):
+    """Gradients of layernorm through dout (x's shape and dtype); returns (dx, dweight, dbias).
+
+    saved: the (mean, rstd) layernorm returned. The three are new arrays holding the gradient
+    itself (the out= form layernorm_backward accumulates, +=, into given buffers). Deterministic.
+    """
+    check("x", x)
+    mean, rstd = _saved_pair(saved)
+    N, C = _rows("x", x)
+    dx, dweight, dbias = zeros(x.shape, x.dtype), zeros((C,), x.dtype), zeros((C,), x.dtype)
+    layernorm_backward(dx, dweight, dbias, dout, x, weight, mean, rstd,
+                       new_scratch(layernorm_backward_scratch_size(N, C)))
+    return dx, dweight, dbias
+
+
+def residual_layernorm(a, b, weight, bias, eps: float = 1e-5):
+    """residual = a + b and out = LayerNorm(residual) in one pass; new arrays.
+
+    Shapes and dtypes as layernorm (a, b alike). Returns (residual, out, (mean, rstd)):
+    layernorm_grad(dout, residual, weight, (mean, rstd)) is its LayerNorm's backward.
+    """
+    check("a", a)
+    stats = a.shape[:-1]
+    res, out = empty(a.shape, a.dtype), empty(a.shape, a.dtype)
+    mean, rstd = empty(stats, F32), empty(stats, F32)
+    fused_residual_layernorm_forward(res, out, mean, rstd, a, b, weight, bias, eps)
+    return res, out, (mean, rstd)
+
+
+def residual(a, b):
+    """a + b (any shape, bf16 or fp32, a and b alike); a new array. Also the way to add two
+    gradients (the residual stream's backward, a tied weight's two uses)."""
+    check("a", a)
+    return residual_forward(empty(a.shape, a.dtype), a, b)
+
+
+def _saved_pair(saved):
+    if not isinstance(saved, (tuple, list)) or len(saved) != 2:
+        raise ValueError(f"saved: expected the (mean, rstd) pair layernorm returned, got "
+                         f"{type(saved).__name__}")
+    return saved

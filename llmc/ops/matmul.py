@@ -14,6 +14,9 @@ kernels/matmul.cu for the bias gradient.
         with pre_gelu (N,C) (inp = gelu(pre_gelu)): dinp = (dout @ weight) * gelu'(pre_gelu),
         the GELU backward fused into the product (cuBLASLt's DGELU epilogue, tanh GELU)
     bias_backward(dbias (OC,) +=, dout (N,OC), scratch)      the dbias part alone
+    matmul(x, weight, bias=None) -> out
+    matmul_grad(dout, x, weight, has_bias=True, pre_gelu=None) -> dx, dweight, dbias | None
+        the same, allocating outputs and scratch (the gradients are new arrays, not +=)
 
 Rows may be (N, X) or (B, T, X). The bias is added to the product's fp32 accumulator by the
 epilogue, so out is written once. dbias is our deterministic two-pass reduction (fixed per-block
@@ -29,6 +32,7 @@ import numpy as np
 from llmc import cublaslt, kernels
 from llmc.ops import (ceil_div, check, check_aligned, check_same, check_scratch, dtype_name,
                       pack_size, set_dynamic_smem)
+from llmc.ops.arrays import empty, scratch as new_scratch, zeros
 
 DBIAS_BY = 8            # thread rows of a bias_backward_partial block
 DBIAS_MIN_ROWS = 64     # rows per block at least
@@ -227,3 +231,38 @@ def matvec_layernorm_forward(out, residual, inp1, inp2, ln_weight, ln_bias, weig
         ln_weight, ln_bias, weight, bias if bias is not None else null, np.int32(M),
         np.int32(C), np.int32(OC), tpc, np.int32(1 if gelu else 0), np.float32(eps)))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# functional forms: allocate their outputs and scratch
+
+
+def matmul(x, weight, bias=None):
+    """out = x @ weight.T (+ bias); a new array.
+
+    x: (N, C) or (B, T, C); weight: (OC, C); bias: (OC,) or None; all bf16 or all fp32 (fp32
+    accumulation, no TF32). out: x.shape[:-1] + (OC,). Saves nothing: the backward needs x, weight.
+    """
+    check("x", x)
+    check("weight", weight, (None, None))
+    return matmul_forward(empty(x.shape[:-1] + (weight.shape[0],), x.dtype), x, weight, bias)
+
+
+def matmul_grad(dout, x, weight, has_bias: bool = True, *, pre_gelu=None):
+    """Gradients of matmul through dout (x.shape[:-1] + (OC,)); returns (dx, dweight, dbias).
+
+    New arrays holding the gradients themselves: dx x's shape, dweight (OC, C), dbias (OC,) or
+    None when has_bias is False (then OC needs no alignment). With pre_gelu (x's shape; x was
+    gelu(pre_gelu)), dx is the gradient with respect to pre_gelu, the GELU backward fused in.
+    """
+    check("x", x)
+    check("weight", weight, (None, None))
+    OC, C = weight.shape
+    dx, dweight = empty(x.shape, x.dtype), zeros((OC, C), weight.dtype)
+    dbias, scratch = None, None
+    if has_bias:
+        dbias = zeros((OC,), weight.dtype)
+        rows = x.size // C if C else 0
+        scratch = new_scratch(matmul_backward_scratch_size(rows, OC))
+    matmul_backward(dx, dweight, dbias, dout, x, weight, scratch, pre_gelu=pre_gelu)
+    return dx, dweight, dbias
