@@ -115,3 +115,25 @@ def test_decode_attention_validation():
     out = cupy.zeros((B, NH * HS), dtype=DTYPES["bf16"])
     with pytest.raises(ValueError, match="scratch"):
         decode_attention(out, qkv, k, k, pos, allocate(decode_scratch_shapes(B, NH, HS, S, 4)))
+
+
+def test_functional_forms_match_the_out_forms():
+    import cupy
+    from llmc import ops
+    B, NH, HS, S, C = 3, 2, 64, 40, 128
+    qkv, _ = rand((B, 3 * C), "bf16", 11)
+    k, _ = rand((B, NH, S, HS), "bf16", 12)
+    pos = cupy.asarray(np.array([0, 5, 39], dtype=np.int32))
+    k1, v1, k2, v2 = device(k), device(k), device(k), device(k)
+    out = poisoned((B, C), "bf16")
+    ops.decode_attention(out, device(qkv), k1, v1, pos, ops.decode_scratch(B, NH, HS, S))
+    got = ops.kv_attention(device(qkv), k2, v2, pos)
+    np.testing.assert_array_equal(host_bits(got), host_bits(out))
+    np.testing.assert_array_equal(host_bits(k2), host_bits(k1))
+    wte, _ = rand((16, C), "bf16", 13)
+    wpe, _ = rand((S, C), "bf16", 14)
+    ids = cupy.asarray(np.arange(B * S, dtype=np.int32).reshape(B, S) % 16)
+    x = poisoned((B, C), "bf16")
+    ops.decode_embed(x, ids, pos, device(wte), device(wpe))
+    np.testing.assert_array_equal(host_bits(ops.embed_at(ids, pos, device(wte), device(wpe))),
+                                  host_bits(x))

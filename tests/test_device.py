@@ -103,7 +103,7 @@ def test_skip_reason_of_gpu_tests(monkeypatch):
     ("mismatch", "--device cuda: the NVIDIA driver supports CUDA 12.8"),
 ])
 def test_device_cuda_names_the_cause(monkeypatch, case, expect):
-    from llmc.train import _pick_device
+    from llmc.train import pick_device as _pick_device
     if case == "missing":
         monkeypatch.setitem(sys.modules, "cupy", None)
     elif case == "no_driver":

@@ -87,3 +87,18 @@ def test_bad_settings():
         args.update(kw)
         with pytest.raises(ValueError, match=match):
             check_sampling(**args)
+
+
+def test_functional_sample():
+    from llmc import ops
+    logits, row = logits_rows("bf16", 512, seed=3, scale=4.0)
+    assert np.all(cupy_get(ops.sample(device(logits), V, temperature=0.0)) == 7)
+    a = cupy_get(ops.sample(device(logits), V, top_k=5, seed=9, step=4))
+    assert np.array_equal(a, draw(logits, seed=9, pos0=4, temperature=1.0, top_k=5))
+    probs = reference.sampling_probs(row, 1.0, 5, 1.0)
+    assert np.all(probs[a] > 0)
+
+
+def cupy_get(x):
+    import cupy
+    return cupy.asnumpy(x)

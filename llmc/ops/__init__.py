@@ -163,7 +163,11 @@ from llmc.ops.layernorm import (fused_residual_layernorm_forward, layernorm_back
                                 layernorm_backward_scratch_size, layernorm_forward,
                                 layernorm_grad, residual, residual_forward, residual_layernorm)
 from llmc.ops.matmul import (bias_backward, matmul_backward,  # noqa: E402
-                             matmul_backward_scratch_size, matmul_forward, matmul_grad)
+                             matmul_backward_scratch_size, matmul_forward, matmul_grad, matvec,
+                             matvec_forward, matvec_layernorm_forward)
+from llmc.ops.decode import (decode_attention, decode_embed, decode_scratch,  # noqa: E402
+                             embed_at, gather_rows, kv_append, kv_attention)
+from llmc.ops.sampling import sample, sample_tokens  # noqa: E402
 
 
 class _Family(_types.ModuleType):
@@ -185,10 +189,11 @@ del _name, _module
 FUNCTIONAL = ("encoder", "encoder_grad", "layernorm", "layernorm_grad", "residual",
               "residual_layernorm", "matmul", "matmul_grad", "gelu", "gelu_grad", "attention",
               "attention_grad", "flash_attention", "flash_attention_grad", "cross_entropy",
-              "cross_entropy_grad", "global_norm")
+              "cross_entropy_grad", "global_norm", "matvec", "embed_at", "kv_attention", "sample")
 OUT_FORMS = ("encoder_forward", "encoder_backward", "layernorm_forward",
              "fused_residual_layernorm_forward", "residual_forward", "layernorm_backward",
              "matmul_forward", "matmul_backward", "bias_backward", "gelu_forward",
              "gelu_backward", "attention_forward", "attention_backward",
              "flash_attention_forward", "flash_attention_backward", "fused_classifier",
-             "global_norm_squared", "adamw_update")
+             "global_norm_squared", "adamw_update", "matvec_forward", "matvec_layernorm_forward",
+             "decode_embed", "gather_rows", "kv_append", "decode_attention", "sample_tokens")

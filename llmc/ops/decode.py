@@ -164,3 +164,29 @@ def decode_attention(out, qkv, kcache, vcache, pos, scratch, chunk: int = DEFAUL
          np.float32(math.log2(math.e) / math.sqrt(HS))),
         shared_mem=4 * int(chunk))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# functional forms: allocate their outputs and scratch
+
+def embed_at(ids, pos, wte, wpe):
+    """New (B, C) array: wte[ids[b, pos[b]]] + wpe[pos[b]] (decode_embed into a new array)."""
+    from llmc.ops.arrays import empty
+    check("wte", wte, (None, None))
+    return decode_embed(empty((ids.shape[0], wte.shape[1]), wte.dtype), ids, pos, wte, wpe)
+
+
+def kv_attention(qkv, kcache, vcache, pos, chunk: int = DEFAULT_CHUNK):
+    """New (B, C) array: the attention of each row's newest query over its cache (decode step).
+
+    qkv (B, 3C) holds the newest token's q, k, v; its k and v are written into kcache/vcache
+    (B, NH, S, HS) at pos[b] (in place: the cache is state), then its query attends to keys
+    0 .. pos[b]. Scratch is allocated per call; a decoding loop allocates it once with
+    decode_scratch and calls decode_attention.
+    """
+    from llmc.ops.arrays import empty
+    check("kcache", kcache, (None, None, None, None))
+    B, NH, S, HS = kcache.shape
+    out = empty((B, NH * HS), qkv.dtype)
+    return decode_attention(out, qkv, kcache, vcache, pos, decode_scratch(B, NH, HS, S, chunk),
+                            chunk)

@@ -266,3 +266,12 @@ def matmul_grad(dout, x, weight, has_bias: bool = True, *, pre_gelu=None):
         scratch = new_scratch(matmul_backward_scratch_size(rows, OC))
     matmul_backward(dx, dweight, dbias, dout, x, weight, scratch, pre_gelu=pre_gelu)
     return dx, dweight, dbias
+
+
+def matvec(x, weight, bias=None, *, gelu: bool = False):
+    """New (M, OC) array: x (M, C) @ weight.T (+ bias) [then tanh GELU] for M <= 8 rows, by the
+    weight-streaming kernel of generation (matvec_forward into a new array)."""
+    check("x", x)
+    check("weight", weight, (None, None))
+    return matvec_forward(empty(x.shape[:-1] + (weight.shape[0],), x.dtype), x, weight, bias,
+                          gelu=gelu)

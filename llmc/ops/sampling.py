@@ -58,3 +58,20 @@ def sample_tokens(ids, pos, logits, V: int, *, temperature: float = 1.0, top_k: 
          np.float32(temperature), np.int32(top_k), np.float32(top_p),
          np.uint32(int(seed) & 0xFFFFFFFF)), shared_mem=HIST_BYTES)
     return ids
+
+
+def sample(logits, V: int, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           seed: int = 0, step: int = 0):
+    """New int32 (B,) array: one token per row of logits (B, Vp) floatX, drawn as sample_tokens
+    draws (temperature 0 greedy, top-k, top-p); `step` plays the position in the seed's hash,
+    so (seed, step) fixes the draw."""
+    import cupy
+    check("logits", logits, (None, None), FLOATX)
+    B = logits.shape[0]
+    if int(step) != step or step < 0:
+        raise ValueError(f"step: expected an integer >= 0, got {step}")
+    ids = cupy.zeros((B, int(step) + 2), dtype=np.int32)
+    pos = cupy.full((B,), int(step), dtype=np.int32)
+    sample_tokens(ids, pos, logits, V, temperature=temperature, top_k=top_k, top_p=top_p,
+                  seed=seed)
+    return cupy.ascontiguousarray(ids[:, int(step) + 1])
