@@ -11,9 +11,9 @@ import pytest
 
 @functools.lru_cache(maxsize=1)
 def gpu_skip_reason():
-    """None when a CUDA device is usable, else why not (llmc.device.cuda_problem: the real cause,
+    """None when a CUDA device is usable, else why not (llmc.cuda.device.cuda_problem: the real cause,
     e.g. "no NVIDIA driver on this machine", not CUDA's "driver version is insufficient")."""
-    from llmc.device import cuda_problem
+    from llmc.cuda.device import cuda_problem
     return cuda_problem()
 
 

@@ -84,7 +84,7 @@ def parse_args(argv=None):
 
 
 def flops_per_token(mc, T: int) -> float:
-    from llmc.params import num_params
+    from llmc.model.params import num_params
     return 6.0 * num_params(mc) + 6.0 * mc.n_layer * mc.n_embd * T
 
 
@@ -128,9 +128,9 @@ class LlmcRunner:
     def __init__(self, mc, B, T, grad_accum=1, recompute=0, attention="auto", seed=1337,
                  classifier_chunks=1):
         import cupy
-        from llmc.gpu_model import GPUModel
-        from llmc.gpu_optim import GPUAdamW
-        from llmc.params import init_params
+        from llmc.model.gpu_model import GPUModel
+        from llmc.training.gpu_optim import GPUAdamW
+        from llmc.model.params import init_params
         self.cupy = cupy
         cupy.cuda.Device().synchronize()
         self.free_before = cupy.cuda.runtime.memGetInfo()[0]
@@ -243,7 +243,7 @@ class TorchRunner:
         torch.manual_seed(args.seed)
         torch.cuda.reset_peak_memory_stats()
         self.model = TorchGPT2(mc, attn="sdpa")
-        from llmc.params import init_params
+        from llmc.model.params import init_params
         from tests.torch_gpt2 import load_flat
         load_flat(self.model, init_params(mc, args.seed))  # the same initial weights as llmc
         self.model = self.model.cuda()

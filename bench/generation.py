@@ -151,9 +151,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import cupy
     from llmc.config import model_config
-    from llmc.gpu_decoder import GPUDecoder
-    from llmc.params import init_params
-    from llmc.trainer import device_name
+    from llmc.inference.gpu_decoder import GPUDecoder
+    from llmc.model.params import init_params
+    from llmc.training.trainer import device_name
 
     mc = model_config(args.model)
     params = init_params(mc, 1337)

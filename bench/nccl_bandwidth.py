@@ -13,7 +13,7 @@ import ml_dtypes
 import numpy as np
 
 from bench.timing import cuda_time
-from llmc.distributed import init_distributed
+from llmc.dist.distributed import init_distributed
 
 N = 124_475_904
 

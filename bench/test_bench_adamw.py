@@ -5,7 +5,7 @@ params (bf16), master, m, v: 28 bytes per parameter; in fp32 mode (params are th
 reads p, g, m, v and writes p, m, v: also 28 bytes.
 The gradient norm reads the gradients once. `extra_info`: CUDA-event median ms (L2 flushed), GB/s,
 fraction of this card's measured memory ceiling; for the bf16 update also PyTorch's fused AdamW (fp32 params and grads, one
-tensor) as a peer. Correctness is checked on a small buffer against llmc.optim first.
+tensor) as a peer. Correctness is checked on a small buffer against llmc.training.optim first.
 
 Run:  python -m pytest bench/test_bench_adamw.py --benchmark-only -q
 """
@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from bench.timing import device_randn, record, torch_peer
-from llmc import optim, params
+from llmc.training import optim
+from llmc.model import params
 from llmc.config import ModelConfig
 from tests.tolerances import assert_close
 

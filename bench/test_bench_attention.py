@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from bench.timing import cuda_time, device_randn, record, to_host, torch_peer
-from llmc import reference
+from llmc.model import reference
 from tests.tolerances import assert_close
 
 B, NH, T, HS = 64, 12, 1024, 64

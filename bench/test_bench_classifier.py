@@ -5,7 +5,7 @@ dlogits in place, eval mode only reads. `extra_info` has the CUDA-event median t
 the GB/s of that minimum traffic and its fraction of this card's measured memory ceiling
 (bench/timing.py); in the bf16 training case also PyTorch's F.cross_entropy forward+backward on
 the same GPU in the same run (bf16 logits as given, and upcast to fp32 as autocast does) and
-our speed-up over each. Correctness is checked on sampled rows against llmc.reference before
+our speed-up over each. Correctness is checked on sampled rows against llmc.model.reference before
 any timing.
 
 Run:  python -m pytest bench/test_bench_classifier.py --benchmark-only -q
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from bench.timing import record, torch_peer
-from llmc import reference
+from llmc.model import reference
 from llmc.ops.classifier import classifier_bytes, fused_classifier
 from tests.tolerances import assert_close
 

@@ -7,7 +7,7 @@ reads dout once and read-modify-writes dwpe and the dwte rows of the distinct to
 backward actually reads dout twice, once for dwpe and once for dwte, so its fraction is a lower
 bound on the efficiency of each pass.) `extra_info`: CUDA-event median ms (L2 flushed), GB/s,
 fraction of this card's measured memory ceiling, distinct tokens.
-Correctness is checked on a small case against llmc.reference first.
+Correctness is checked on a small case against llmc.model.reference first.
 
 Run:  python -m pytest bench/test_bench_encoder.py --benchmark-only -q
 """
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from bench.timing import device_randn, record, to_host
-from llmc import reference
+from llmc.model import reference
 from tests.tolerances import assert_close
 
 B, T, C, VP = 64, 1024, 768, 50304

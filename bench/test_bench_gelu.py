@@ -3,7 +3,7 @@
 Memory-bound: the forward reads x and writes y (2 n bytes/elt), the backward reads x and dout and
 writes dinp in place (3 n). `extra_info`: CUDA-event median ms (L2 flushed), GB/s and the
 fraction of this card's measured memory ceiling (bench/timing.py), and PyTorch's F.gelu(approximate="tanh") on the same tensor (bf16 only) as a peer.
-Correctness is checked on a small case against llmc.reference first.
+Correctness is checked on a small case against llmc.model.reference first.
 
 Run:  python -m pytest bench/test_bench_gelu.py --benchmark-only -q
 """
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from bench.timing import device_randn, record, to_host, torch_peer
-from llmc import reference
+from llmc.model import reference
 from tests.tolerances import assert_close
 
 SHAPE = (64, 1024, 3072)

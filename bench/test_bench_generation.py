@@ -18,8 +18,8 @@ NEW = 128
 def decoder():
     import cupy
     from llmc.config import model_config
-    from llmc.gpu_decoder import GPUDecoder
-    from llmc.params import init_params
+    from llmc.inference.gpu_decoder import GPUDecoder
+    from llmc.model.params import init_params
     mc = model_config("d12")
     dec = GPUDecoder(mc, init_params(mc, 1337), max_batch=64, dtype="bf16")
     yield dec

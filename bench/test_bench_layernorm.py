@@ -4,7 +4,7 @@ Memory-bound. Bytes are the minimum traffic: forward reads x and writes out (+ m
 fused residual reads two inputs and writes residual and out; residual reads two, writes one;
 backward reads dout, x and dinp and writes dinp (dinp +=). `extra_info`: CUDA-event median ms (L2
 flushed), GB/s, fraction of this card's measured memory ceiling; in bf16 also PyTorch's F.layer_norm forward and forward+backward
-as peers. Correctness is checked on a small case against llmc.reference first.
+as peers. Correctness is checked on a small case against llmc.model.reference first.
 
 Run:  python -m pytest bench/test_bench_layernorm.py --benchmark-only -q
 """
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bench.timing import cuda_time, device_randn, record, to_host, torch_peer
-from llmc import reference
+from llmc.model import reference
 from tests.tolerances import assert_close
 
 N, C = 64 * 1024, 768

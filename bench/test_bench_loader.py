@@ -11,8 +11,8 @@ Run:  python -m pytest bench/test_bench_loader.py --benchmark-only -q
 import numpy as np
 import pytest
 
-from llmc.data import DataLoader
-from llmc.shards import write_shard
+from llmc.data.loader import DataLoader
+from llmc.data.shards import write_shard
 
 B, T = 64, 1024
 TARGET_TOKENS_PER_S = 0.5e6

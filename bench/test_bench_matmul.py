@@ -9,7 +9,7 @@ backward, then our gelu_backward kernel), and the dbias reduction alone (memory-
 dout once). `extra_info`: CUDA-event median ms (L2 flushed), TFLOP/s and fraction of this card's
 8192^3 GEMM of the same dtype for the products, GB/s and fraction of its memory ceiling for dbias; in bf16 also PyTorch's F.linear (cuBLASLt with the bias epilogue) as
 a peer for the forward.
-Correctness is checked on a small case against llmc.reference first.
+Correctness is checked on a small case against llmc.model.reference first.
 
 Measured on an H100 (bf16 ms; "before": gemmEx after writing the bias into out, dbias ours):
 | layer   | forward before / now / F.linear | backward before / now |
@@ -28,8 +28,8 @@ import numpy as np
 import pytest
 
 from bench.timing import cuda_time, device_randn, record, to_host, torch_peer
-from llmc import reference
-from llmc.cublas import matmul_flops
+from llmc.model import reference
+from llmc.cuda.cublas import matmul_flops
 from tests.tolerances import assert_close
 
 N = 64 * 1024

@@ -87,7 +87,7 @@ def flush_l2() -> None:
 @functools.lru_cache(maxsize=None)
 def _ceilings(device: int) -> Ceilings:
     import cupy
-    from llmc import cublaslt
+    from llmc.cuda import cublaslt
     from llmc.ops import BF16
     props = cupy.cuda.runtime.getDeviceProperties(device)
     name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])

@@ -1,4 +1,4 @@
-"""Data preparation CLIs for llmc: text in, GPT-2 token shards (llmc.shards) out.
+"""Data preparation CLIs for llmc: text in, GPT-2 token shards (llmc.data.shards) out.
 
     python -m data_tools.fineweb          FineWeb / FineWeb-Edu (hub) or local parquet/jsonl/txt
     python -m data_tools.tinyshakespeare  the bundled tiny-shakespeare (or any text file)

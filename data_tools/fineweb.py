@@ -10,7 +10,7 @@ column, FineWeb's schema), jsonl (a `text` field per line) or txt files (one doc
 instead: files, directories or globs, read in sorted order.
 
 Output: `<name>_val_000000.arrow` (the first --shard-size tokens), then `<name>_train_000001.arrow`,
-... (llmc.shards format), `<name>_progress.json` and, at the end, `<name>_summary.json`. Rerunning
+... (llmc.data.shards format), `<name>_progress.json` and, at the end, `<name>_summary.json`. Rerunning
 the same command after an interruption resumes: finished shards are kept, the rest is redone
 identically (see data_tools/sharder.py). Every core tokenizes (--workers, default all).
 """
@@ -21,7 +21,7 @@ import os
 import signal
 import sys
 
-from llmc.shards import ShardError
+from llmc.data.shards import ShardError
 
 from data_tools.sharder import PrepareError, prepare
 from data_tools.sources import (HUB_REPOS, SAMPLES, HubSource, LocalSource, SourceError,

@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 
 from llmc.eval import NUM_ENDINGS, EvalFileError, save_examples
-from llmc.tokenizer import encode
+from llmc.data.tokenizer import encode
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 _LINE_FIX = ('each line must be one JSON object with "ctx" (a string), "endings" (4 strings) '

@@ -1,7 +1,7 @@
 """Tokenize a stream of documents on every core into resumable token shards.
 
 Output directory, for a name prefix such as "fineweb":
-    <prefix>_val_000000.arrow, <prefix>_train_000001.arrow, ...   llmc.shards files
+    <prefix>_val_000000.arrow, <prefix>_train_000001.arrow, ...   llmc.data.shards files
     <prefix>_progress.json   the finished shards and where each starts and ends (atomic rewrite
                              after every shard)
     <prefix>_summary.json    at the end: shards, tokens, documents, per-shard counts
@@ -37,8 +37,8 @@ from typing import Iterator
 
 import numpy as np
 
-from llmc.shards import ShardError, read_meta, write_shard
-from llmc.tokenizer import EOT, get_encoding
+from llmc.data.shards import ShardError, read_meta, write_shard
+from llmc.data.tokenizer import EOT, get_encoding
 
 from data_tools.sources import stream
 

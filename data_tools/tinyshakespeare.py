@@ -3,7 +3,7 @@
     python -m data_tools.tinyshakespeare --out data/tinyshakespeare
     python -m data_tools.tinyshakespeare --out data/mytext --source book.txt [--val-tokens 32768]
 
-Tokenization is llmc.datasets' (llm.c's dev/data/tinyshakespeare.py): the text is split on blank
+Tokenization is llmc.data.datasets' (llm.c's dev/data/tinyshakespeare.py): the text is split on blank
 lines, each section gets <|endoftext|> in front, and the first --val-tokens tokens (32,768 as in
 llm.c) are the validation split, the rest training. Output: `<name>_val.arrow` and
 `<name>_train.arrow` in --out (atomic writes), `<name>` being tinyshakespeare or the source
@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 from llmc import assets
-from llmc.datasets import ASSET, VAL_TOKENS, tokenize_sections
-from llmc.shards import ShardError, write_shard
+from llmc.data.datasets import ASSET, VAL_TOKENS, tokenize_sections
+from llmc.data.shards import ShardError, write_shard
 
 
 class TextError(ValueError):

@@ -1,6 +1,6 @@
 """Benchmark one op against its NumPy reference: GELU forward at the GPT-2 MLP's shape.
 
-Checks llmc's kernel against llmc.reference first, then times both: the kernel with CUDA
+Checks llmc's kernel against llmc.model.reference first, then times both: the kernel with CUDA
 events (after a warm-up, so NVRTC compilation is not timed), the reference on the CPU.
 The GPU figure is the kernel alone, inputs not flushed from L2; bench/ measures properly.
 Needs a CUDA GPU.
@@ -13,7 +13,9 @@ import cupy as cp
 import ml_dtypes
 import numpy as np
 
-from llmc import ops, reference
+from llmc import ops
+
+from llmc.model import reference
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--rows", type=int, default=8192, help="rows of 3072 (B*T of GPT-2 124M)")

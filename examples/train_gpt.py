@@ -2,7 +2,7 @@
 
 Two layers, C=128, two heads of 64, bf16 weights with fp32 master copies. Every layer's forward
 and backward is one functional op of llmc.ops (each allocates its outputs: simple, not fast;
-llmc/gpu_model.py does the same with the out= forms into buffers allocated once). The model
+llmc/model/gpu_model.py does the same with the out= forms into buffers allocated once). The model
 learns a fixed cycle through its 64 tokens; the loss falls from ln(64) = 4.16 to near 0.
 Run:  python examples/train_gpt.py
 """
@@ -11,7 +11,7 @@ import numpy as np
 
 from llmc import ops
 from llmc.config import ModelConfig
-from llmc.params import init_params, views
+from llmc.model.params import init_params, views
 
 mc = ModelConfig(n_layer=2, n_head=2, n_embd=128, vocab_size=64, padded_vocab_size=64,
                  block_size=64)

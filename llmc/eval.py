@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmc.tokenizer import EOT, VOCAB_SIZE
+from llmc.data.tokenizer import EOT, VOCAB_SIZE
 
 FORMAT = "llmc-hellaswag-1"
 NUM_ENDINGS = 4
@@ -187,10 +187,10 @@ def _eval_model(model_file, device: str, dtype: str, batch_rows: int, T: int):
     """A CPUModel or GPUModel of the file's weights, sized for (batch_rows, T) rows."""
     mc = model_file.config
     if device == "cpu":
-        from llmc.cpu_model import CPUModel
+        from llmc.model.cpu_model import CPUModel
         model = CPUModel(mc, batch_rows, T)
     else:
-        from llmc.gpu_model import GPUModel
+        from llmc.model.gpu_model import GPUModel
         model = GPUModel(mc, batch_rows, T, dtype=dtype)
     model.load_params(model_file.params)
     return model

@@ -5,7 +5,7 @@
 
 The model is anything llmc.formats.load_model reads: an llmc checkpoint (or a run's out-dir,
 for its newest), a Hugging Face GPT-2 directory or model id, or an llm.c .bin file. Generation
-runs with a KV cache (llmc/decoder.py, llmc/gpu_decoder.py): on a GPU the prompts are one
+runs with a KV cache (llmc/inference/decoder.py, llmc/inference/gpu_decoder.py): on a GPU the prompts are one
 prefill and every new token one replay of a captured CUDA graph, and only token ids reach the
 host. One sample streams its text as the tokens come; several (a prompt file, one prompt per
 line, and/or --num-samples K per prompt) run as one batch and print when done.
@@ -25,7 +25,7 @@ import os
 import sys
 import time
 
-from llmc.decoder import GenerationError, check_request, make_decoder
+from llmc.inference.decoder import GenerationError, check_request, make_decoder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _prompts(args) -> list:
-    from llmc.tokenizer import EOT, encode
+    from llmc.data.tokenizer import EOT, encode
     if args.prompt_file is not None:
         try:
             with open(args.prompt_file, encoding="utf-8") as f:
@@ -68,7 +68,7 @@ def _prompts(args) -> list:
 def run(args, out=sys.stdout) -> list:
     """Generate as the parsed args say; returns the generated texts (prompt excluded)."""
     from llmc.formats import load_model
-    from llmc.tokenizer import get_encoding
+    from llmc.data.tokenizer import get_encoding
     from llmc.train import pick_device
     if args.num_samples < 1:
         raise GenerationError(f"--num-samples must be >= 1, got {args.num_samples}")
@@ -108,7 +108,7 @@ def run(args, out=sys.stdout) -> list:
 
 def _visible(ids: list) -> list:
     """Ids without <|endoftext|> (the tokenizer would spell it out)."""
-    from llmc.tokenizer import EOT
+    from llmc.data.tokenizer import EOT
     return [t for t in ids if t != EOT]
 
 

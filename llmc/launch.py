@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 
-from llmc.signals import PREEMPTED_EXIT
+from llmc.training.signals import PREEMPTED_EXIT
 
 
 def _parse(argv):

@@ -6,16 +6,16 @@ model for 30 steps on a CPU-only machine; either way it prints a text sample at 
 Every run writes `<out-dir>/config.json` (the resolved config), `<out-dir>/metrics.jsonl` (one
 JSON object per step: step, loss, lr, grad_norm, ms, tokens_per_s, lossz, gradz[, mfu, skipped];
 and {step, val_loss, val_rows} entries) and checkpoints `<out-dir>/ckpt_<step>/`
-(llmc.checkpoint). `--resume auto` continues from the newest intact one; on the CPU the losses
+(llmc.training.checkpoint). `--resume auto` continues from the newest intact one; on the CPU the losses
 after resuming are bitwise those of an uninterrupted run. Under `python -m llmc.launch` each
 process trains on its GPU; rank 0 prints and writes files.
 `--init-from MODEL` starts from a model's weights (llmc.formats.load_model: a Hugging Face GPT-2,
 an llm.c .bin, an llmc checkpoint) with a fresh optimizer; the shape comes from the file.
 
-Long runs: rank 0 locks --out-dir (llmc.runlock) and refuses a fresh run in a directory holding
+Long runs: rank 0 locks --out-dir (llmc.training.runlock) and refuses a fresh run in a directory holding
 another run unless --overwrite; SIGTERM/SIGINT finish the step, checkpoint and exit 75
-(llmc.signals); the outlier guard can skip updates (llmc.guard); the step line carries tokens
-done, elapsed time and the ETA (llmc.progress). End-of-run validation, HellaSwag and the sample
+(llmc.training.signals); the outlier guard can skip updates (llmc.training.guard); the step line carries tokens
+done, elapsed time and the ETA (llmc.training.progress). End-of-run validation, HellaSwag and the sample
 run after the final checkpoint, so they can never cost the run.
 
 Bad input (missing data, corrupt shard, impossible batch sizes, a bad checkpoint) ends the run
@@ -35,14 +35,14 @@ from pathlib import Path
 
 import numpy as np
 
-from llmc import checkpoint
+from llmc.training import checkpoint
 from llmc.config import ConfigError, TrainConfig, grad_accum_steps, model_config, parse_args, resolve
-from llmc.guard import OutlierGuard
-from llmc.params import init_params, num_params
-from llmc.progress import Progress
-from llmc.runlock import RunLock, check_fresh
-from llmc.signals import PREEMPTED_EXIT, Preempted, StopRequest
-from llmc.trainer import cuda_available, device_name, flops_per_token, make_backend, peak_flops
+from llmc.training.guard import OutlierGuard
+from llmc.model.params import init_params, num_params
+from llmc.training.progress import Progress
+from llmc.training.runlock import RunLock, check_fresh
+from llmc.training.signals import PREEMPTED_EXIT, Preempted, StopRequest
+from llmc.training.trainer import cuda_available, device_name, flops_per_token, make_backend, peak_flops
 
 
 class _Log:
@@ -85,9 +85,9 @@ class _Log:
 
 
 def _data_paths(cfg: TrainConfig):
-    from llmc.shards import find_shards
+    from llmc.data.shards import find_shards
     if cfg.train_data is None or cfg.val_data is None:
-        from llmc.datasets import tinyshakespeare
+        from llmc.data.datasets import tinyshakespeare
         ts_train, ts_val = tinyshakespeare()
     train = [ts_train] if cfg.train_data is None else find_shards(cfg.train_data)
     val = [ts_val] if cfg.val_data is None else find_shards(cfg.val_data)
@@ -97,7 +97,7 @@ def _data_paths(cfg: TrainConfig):
 def _init_distributed(device: str):
     if device != "cuda":
         return None
-    from llmc.distributed import init_distributed
+    from llmc.dist.distributed import init_distributed
     return init_distributed()
 
 
@@ -106,7 +106,7 @@ def pick_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if cuda_available() else "cpu"
     if requested == "cuda":
-        from llmc.device import cuda_problem
+        from llmc.cuda.device import cuda_problem
         problem = cuda_problem()
         if problem is not None:
             raise ConfigError(f"--device cuda: {problem}; or train on the CPU with --device cpu")
@@ -116,7 +116,7 @@ def pick_device(requested: str) -> str:
 def _check_splits(train_paths, val_paths, log) -> None:
     """The same file for training and validation is an error; a split label that disagrees with
     its use is a warning (it may be deliberate, e.g. a quick test on a validation shard)."""
-    from llmc.shards import read_meta
+    from llmc.data.shards import read_meta
     same = {str(Path(p).resolve()) for p in train_paths} & {str(Path(p).resolve()) for p in val_paths}
     if same:
         raise ConfigError(f"{sorted(same)[0]}: used for both --train-data and --val-data, so the "
@@ -192,7 +192,7 @@ def _train(cfg, mc, init, device, dist, rank, world, out_dir, log, stop) -> dict
     if log.main:
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
-    from llmc.data import DataLoader
+    from llmc.data.loader import DataLoader
     train_paths, val_paths = _data_paths(cfg)
     _check_splits(train_paths, val_paths, log)
     train_loader = DataLoader(train_paths, B, T, rank=rank, world_size=world, seed=cfg.seed)
@@ -237,7 +237,7 @@ def _train(cfg, mc, init, device, dist, rank, world, out_dir, log, stop) -> dict
         return summary
     log.open_metrics(out_dir / "metrics.jsonl", start_step)
 
-    from llmc.optim import lr_at
+    from llmc.training.optim import lr_at
     peak = peak_flops(dev_label, cfg.dtype) if device == "cuda" else None
     fpt = flops_per_token(n_params, mc, T)
     tokens_per_step = B * T * world * accum
@@ -282,7 +282,7 @@ def _train(cfg, mc, init, device, dist, rank, world, out_dir, log, stop) -> dict
             summary["hellaswag"] = hs
 
     def sample(step_done: int):
-        from llmc.sample import sample_text
+        from llmc.inference.sample import sample_text
         text = sample_text(backend.model, cfg.sample_tokens, T, rng)
         log.info(f"sample at step {step_done}:\n{text}\n---")
         summary["sample"] = text

@@ -2,11 +2,11 @@
 
     python tests/dist_probe.py OUT_DIR TIMEOUT_S ACTION
 
-Reads its rank from the environment (llmc.rendezvous.read_env), meets the others through
-llmc.rendezvous.open_store/exchange_id with a fake 128-byte "NCCL id" made by rank 0, writes
+Reads its rank from the environment (llmc.dist.rendezvous.read_env), meets the others through
+llmc.dist.rendezvous.open_store/exchange_id with a fake 128-byte "NCCL id" made by rank 0, writes
 OUT_DIR/rank<R>.json with what it received, then:
   ACTION=id     wait until every rank has written its file, exit 0;
-  ACTION=watch  start llmc.distributed.Watchdog and sleep (up to 60 s) until it ends the process;
+  ACTION=watch  start llmc.dist.distributed.Watchdog and sleep (up to 60 s) until it ends the process;
   ACTION=die    start the watchdog, then exit abruptly (os._exit(9)) after 0.5 s.
 """
 import json
@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from llmc.distributed import Watchdog
-from llmc.rendezvous import exchange_id, open_store, read_env
+from llmc.dist.distributed import Watchdog
+from llmc.dist.rendezvous import exchange_id, open_store, read_env
 
 
 def main():

@@ -2,8 +2,8 @@
 
     python -m llmc.launch --nproc-per-node 2 --module multigpu_probe -- OUT_DIR MODE
 
-MODE collectives: every llmc.distributed.Dist collective in fp32 and bf16 against host sums.
-MODE dataparallel: llmc.zero.DataParallel (zero 0 and 1, fp32 and bf16) for 3 steps of a small
+MODE collectives: every llmc.dist.distributed.Dist collective in fp32 and bf16 against host sums.
+MODE dataparallel: llmc.dist.zero.DataParallel (zero 0 and 1, fp32 and bf16) for 3 steps of a small
   GPT-2 with each rank's half of a batch, against one GPUModel + GPUAdamW on the whole batch.
 MODE hang: rank 1 never reaches the first collective after the set-up; rank 0 must be ended by
   its watchdog (LLMC_DIST_TIMEOUT) with a message naming rank 1.
@@ -20,7 +20,7 @@ import numpy as np
 def _dev(host, dtype):
     """Host float array -> device array of `dtype` ("fp32"/"bf16") through raw bits."""
     import cupy
-    from llmc.gpu_model import from_host
+    from llmc.model.gpu_model import from_host
     from llmc.ops import BF16, F32
     dt = BF16 if dtype == "bf16" else F32
     out = cupy.empty(host.shape, dtype=dt)
@@ -29,7 +29,7 @@ def _dev(host, dtype):
 
 
 def _host(arr):
-    from llmc.gpu_model import to_host
+    from llmc.model.gpu_model import to_host
     return to_host(arr).astype(np.float64)
 
 
@@ -91,10 +91,10 @@ def collectives(dist, out):
 def dataparallel(dist, out):
     import cupy
     from llmc.config import ModelConfig
-    from llmc.gpu_model import GPUModel
-    from llmc.gpu_optim import GPUAdamW
-    from llmc.params import init_params
-    from llmc.zero import DataParallel
+    from llmc.model.gpu_model import GPUModel
+    from llmc.training.gpu_optim import GPUAdamW
+    from llmc.model.params import init_params
+    from llmc.dist.zero import DataParallel
     W, r = dist.world_size, dist.rank
     mc = ModelConfig(n_layer=3, n_head=2, n_embd=128, vocab_size=1000, padded_vocab_size=1024,
                      block_size=64)
@@ -176,7 +176,7 @@ def hang(dist, out):
 
 def main(argv):
     out, mode = Path(argv[0]), argv[1]
-    from llmc.distributed import init_distributed
+    from llmc.dist.distributed import init_distributed
     dist = init_distributed()
     result = {"collectives": collectives, "dataparallel": dataparallel, "hang": hang}[mode](dist, out)
     (out / f"rank{dist.rank}.json").write_text(json.dumps(result))

@@ -1,7 +1,7 @@
 """Optimizer kernels on the GPU (llmc/ops/adamw.py): gradient norm and fused AdamW.
 
 global_norm_squared against a float64 NumPy sum of squares (sizes 1, 7, a tail, 10M and the
-124M of GPT-2 d12), bitwise deterministic. adamw_update against llmc.optim.adamw_step in float64
+124M of GPT-2 d12), bitwise deterministic. adamw_update against llmc.training.optim.adamw_step in float64
 on the host (same clip factor from the device norm): fp32 master, m, v and the size of the
 update in fp32 tolerance; bf16 params are one of the two bf16 neighbours of the new master
 (stochastic rounding). Also: fp32 mode (master=None, in place), a buffer whose length is not a
@@ -17,7 +17,9 @@ import math
 import numpy as np
 import pytest
 
-from llmc import optim, params
+from llmc.training import optim
+
+from llmc.model import params
 from llmc.config import ModelConfig
 from tests.gpu_arrays import DTYPES, device, host_bits
 from tests.tolerances import assert_close

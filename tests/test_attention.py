@@ -2,7 +2,7 @@
 
 Checks, for the matmul method in fp32 and bf16 (and the flash method in bf16 when
 llmc/ops/flash_attention.py exists): out, the saved softmax probabilities (matmul: zeros above
-the diagonal included) and dqkv, against llmc.reference.attention_forward/backward evaluated in
+the diagonal included) and dqkv, against llmc.model.reference.attention_forward/backward evaluated in
 float64 on the very values the kernels see (inputs rounded to the storage dtype first). Every
 output, saved and scratch buffer is poisoned with NaN first; shapes are a production one (B=4,
 T=1024, C=768, NH=12) and awkward ones (T=1, T=17, C=96 with NH=2). Also: two layers sharing one
@@ -13,7 +13,7 @@ Run: pytest tests/test_attention.py        (the gpu tests skip without a CUDA de
 import numpy as np
 import pytest
 
-from llmc import reference
+from llmc.model import reference
 from llmc.ops import attention as attn
 from tests.gpu_arrays import DTYPES, device, host, poison
 from tests.tolerances import assert_close

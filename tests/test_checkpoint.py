@@ -9,8 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from llmc import checkpoint
-from llmc.checkpoint import CheckpointError
+from llmc.training import checkpoint
+from llmc.training.checkpoint import CheckpointError
 
 
 def _save(out, step, seed=0, **kw):

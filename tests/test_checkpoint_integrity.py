@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmc import checkpoint
-from llmc.checkpoint import CheckpointError
+from llmc.training import checkpoint
+from llmc.training.checkpoint import CheckpointError
 from llmc.train import main
 from tests.run_helpers import TINY, cli, env, losses, one_line_error, steps_logged
 
@@ -182,7 +182,7 @@ def test_nonfinite_state_is_never_written(tmp_path):
 
 
 def test_train_refuses_to_checkpoint_nan_weights(tmp_path, monkeypatch, capsys):
-    from llmc import trainer
+    from llmc.training import trainer
     real = trainer.CPUBackend.params_for_checkpoint
     monkeypatch.setattr(trainer.CPUBackend, "params_for_checkpoint",
                         lambda self: real(self) * np.float32(np.nan))

@@ -1,6 +1,6 @@
 """Fused classifier on the GPU (llmc/ops/classifier.py) against the NumPy reference.
 
-Checks losses and in-place dlogits against llmc.reference.crossentropy_forward/backward in
+Checks losses and in-place dlogits against llmc.model.reference.crossentropy_forward/backward in
 float64 on the logits as stored (rounded to the storage dtype), fp32 and bf16: padded columns
 hold random garbage on input and must come out exactly 0; the forward-only mode leaves the logits
 bit-for-bit unchanged; results are bitwise deterministic; a target outside [0, V) gives a NaN loss
@@ -15,7 +15,7 @@ Run: pytest tests/test_classifier.py        (the gpu tests skip without a CUDA d
 import numpy as np
 import pytest
 
-from llmc import reference
+from llmc.model import reference
 from llmc.ops.classifier import fused_classifier
 from tests.gpu_arrays import DTYPES, UINT, device, host, host_bits
 from tests.tolerances import assert_close

@@ -1,4 +1,4 @@
-"""CPUModel (llmc/cpu_model.py): whole-model gradients, agreement with PyTorch, AdamW trajectory.
+"""CPUModel (llmc/model/cpu_model.py): whole-model gradients, agreement with PyTorch, AdamW trajectory.
 
 - Finite differences: on a tiny config in float64, the gradient of a sample of entries from every
   parameter tensor matches central differences of the loss (weights are perturbed away from the
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from llmc.config import ModelConfig, TrainConfig
-from llmc.cpu_model import CPUModel
-from llmc.optim import AdamW, lr_at
-from llmc.params import init_params, param_specs, views
+from llmc.model.cpu_model import CPUModel
+from llmc.training.optim import AdamW, lr_at
+from llmc.model.params import init_params, param_specs, views
 from tests.tolerances import rel_err
 
 MC = ModelConfig(n_layer=2, n_head=2, n_embd=8, vocab_size=29, padded_vocab_size=32, block_size=8)

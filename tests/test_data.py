@@ -1,4 +1,4 @@
-"""The data loader (llmc/data.py): rows, rank disjointness, epoch coverage, per-epoch shuffling,
+"""The data loader (llmc/data/loader.py): rows, rank disjointness, epoch coverage, per-epoch shuffling,
 exact resume (also across an epoch boundary and through JSON), argument and state errors, and on
 a GPU the DevicePrefetcher handing out the loader's batches.
 
@@ -12,8 +12,8 @@ import json
 import numpy as np
 import pytest
 
-from llmc.data import DataLoader, DevicePrefetcher
-from llmc.shards import write_shard
+from llmc.data.loader import DataLoader, DevicePrefetcher
+from llmc.data.shards import write_shard
 
 T = 16
 LENGTHS = (1000, 17, 517, 2049, 10, 300)  # 17: exactly one row; 10: no row (skipped)

@@ -8,7 +8,7 @@ What is checked:
   the last exactly --shard-size tokens, summary counts right; 1 and 2 tokenizer processes agree;
 - resume: a writer that dies after shard k, then a rerun, gives byte-identical shards and
   summary to an uninterrupted run, without rewriting (or re-reading) the finished ones;
-- data_tools.tinyshakespeare: the bundled text gives llmc.datasets' shards, --source another text;
+- data_tools.tinyshakespeare: the bundled text gives llmc.data.datasets' shards, --source another text;
 - the plain progress line (no tqdm): documents/s, tokens/s, shard, ETA;
 - one-line errors with exit code 2 for a missing source, a parquet without `text`, an empty
   source, a malformed jsonl line, changed flags on resume, foreign shards in --out, --out '';
@@ -33,8 +33,8 @@ import pytest
 from data_tools import fineweb, sharder, sources
 from data_tools.sharder import PrepareError, prepare
 from data_tools.sources import HubSource, LocalSource, SourceError, hub_files, list_hub_files
-from llmc.shards import open_shard
-from llmc.tokenizer import EOT, decode, encode
+from llmc.data.shards import open_shard
+from llmc.data.tokenizer import EOT, decode, encode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -331,9 +331,9 @@ def test_parquet_skip_by_row_groups(tmp_path):
 
 
 def test_tinyshakespeare_tool(tmp_path):
-    """The bundled text gives llmc.datasets' shards; --source does the same to another text."""
+    """The bundled text gives llmc.data.datasets' shards; --source does the same to another text."""
     from data_tools import tinyshakespeare as ts
-    from llmc.datasets import tinyshakespeare
+    from llmc.data.datasets import tinyshakespeare
     out = tmp_path / "ts"
     assert ts.main(["--out", str(out)]) == 0
     train, val = tinyshakespeare(cache_dir=tmp_path / "cache")

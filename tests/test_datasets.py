@@ -1,4 +1,4 @@
-"""The bundled tiny-shakespeare (llmc/datasets.py): token counts as llm.c (32,768 val + 305,260
+"""The bundled tiny-shakespeare (llmc/data/datasets.py): token counts as llm.c (32,768 val + 305,260
 train = 338,028), the <|endoftext|> layout, decoding back to the text, reuse of a warm cache,
 rebuilding of a damaged one, and a race of writers on a cold cache. Uses a tmp cache dir only.
 
@@ -10,8 +10,12 @@ import threading
 import numpy as np
 import pytest
 
-from llmc import assets, datasets, tokenizer
-from llmc.shards import open_shard
+from llmc import assets
+
+from llmc.data import datasets
+
+from llmc.data import tokenizer
+from llmc.data.shards import open_shard
 
 
 @pytest.fixture(scope="module")

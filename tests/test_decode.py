@@ -14,7 +14,7 @@ Run: pytest -m gpu tests/test_decode.py
 import numpy as np
 import pytest
 
-from llmc import reference
+from llmc.model import reference
 from tests.gpu_arrays import DTYPES, device, host, host_bits, poisoned
 from tests.tolerances import assert_close
 

@@ -1,4 +1,4 @@
-"""KV-cache generation on the CPU (llmc/decoder.py) and the sampling filters (llmc.reference).
+"""KV-cache generation on the CPU (llmc/inference/decoder.py) and the sampling filters (llmc.model.reference).
 
 - Greedy generation with the cache equals a full-forward recomputation (CPUModel.logits of the
   whole prefix, argmax) token by token for 200 tokens, for a batch of prompts of different
@@ -14,11 +14,11 @@ Run: python -m pytest tests/test_decoder.py -q
 import numpy as np
 import pytest
 
-from llmc import reference as ref
+from llmc.model import reference as ref
 from llmc.config import ModelConfig
-from llmc.cpu_model import CPUModel
-from llmc.decoder import CPUDecoder, GenerationError
-from llmc.params import init_params
+from llmc.model.cpu_model import CPUModel
+from llmc.inference.decoder import CPUDecoder, GenerationError
+from llmc.model.params import init_params
 
 MC = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=256)
 PROMPTS = [[464, 3290, 318], [50256], [11, 262, 3797, 1110, 286, 8, 7, 6, 5, 4, 3, 2]]
@@ -75,7 +75,7 @@ def test_seed_fixes_the_draw():
 
 
 def test_stop_at_eot_truncates_the_row():
-    from llmc.params import views
+    from llmc.model.params import views
     mc = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)
     params = peaked_weights(mc)
     w = views(params, mc)

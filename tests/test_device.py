@@ -1,4 +1,4 @@
-"""The GPU diagnosis (llmc/device.py) names the real cause: no CuPy, no driver, a driver older
+"""The GPU diagnosis (llmc/cuda/device.py) names the real cause: no CuPy, no driver, a driver older
 than the CuPy wheel's CUDA, no device. Each case is simulated with a fake `cupy` module, so this
 runs on any machine; the same text is the GPU tests' skip reason and `--device cuda`'s error.
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from llmc.config import ConfigError
-from llmc.device import cuda_available, cuda_problem
+from llmc.cuda.device import cuda_available, cuda_problem
 
 
 class FakeCudaError(RuntimeError):

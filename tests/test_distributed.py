@@ -1,5 +1,5 @@
-"""Rendezvous and environment parsing (llmc.rendezvous, llmc.store) and the watchdog of
-llmc.distributed, on the CPU.
+"""Rendezvous and environment parsing (llmc.dist.rendezvous, llmc.dist.store) and the watchdog of
+llmc.dist.distributed, on the CPU.
 
 Real subprocesses (tests/dist_probe.py) meet on localhost through the TCP store and through a
 shared directory, exchanging a fake NCCL id; a rank that never arrives, dies or freezes makes the
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from llmc.distributed import WATCHDOG_EXIT, Watchdog
-from llmc.rendezvous import (DistributedError, _slurm_tasks_on_node, exchange_id, first_host,
+from llmc.dist.distributed import WATCHDOG_EXIT, Watchdog
+from llmc.dist.rendezvous import (DistributedError, _slurm_tasks_on_node, exchange_id, first_host,
                              open_store, read_env)
-from llmc.store import FileStore, StoreError, TCPStoreClient, TCPStoreServer
+from llmc.dist.store import FileStore, StoreError, TCPStoreClient, TCPStoreServer
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = ROOT / "tests" / "dist_probe.py"
@@ -436,8 +436,8 @@ def fake_nccl(monkeypatch):
 
 
 def _dist(world=2, rank=1):
-    from llmc.distributed import Dist
-    from llmc.rendezvous import LaunchEnv
+    from llmc.dist.distributed import Dist
+    from llmc.dist.rendezvous import LaunchEnv
     d = Dist(LaunchEnv(rank, world, rank, world, "h", 1, None, "torchrun"), device=0)
     d.comm = _Comm()
     return d

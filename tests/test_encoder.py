@@ -1,4 +1,4 @@
-"""Encoder on the GPU (llmc/ops/encoder.py) against llmc.reference.encoder_forward/backward.
+"""Encoder on the GPU (llmc/ops/encoder.py) against llmc.model.reference.encoder_forward/backward.
 
 Forward out = wte[inp] + wpe[t] and the accumulating backward (dwte +=, dwpe += onto random
 initial gradients) in fp32 and bf16, reference in float64 on the values as stored; outputs
@@ -12,7 +12,7 @@ Run: pytest tests/test_encoder.py        (the gpu tests skip without a CUDA devi
 import numpy as np
 import pytest
 
-from llmc import reference
+from llmc.model import reference
 from tests.gpu_arrays import DTYPES, UINT, device, host, host_bits, poisoned
 from tests.tolerances import assert_close
 

@@ -1,7 +1,7 @@
 """Causal flash attention kernels (llmc/ops/flash_attention.py) against the NumPy reference.
 
 Checks: out, lse and dqkv against
-llmc.reference.attention_forward/attention_backward (and a float64 log-sum-exp) evaluated in
+llmc.model.reference.attention_forward/attention_backward (and a float64 log-sum-exp) evaluated in
 float64 on the bf16 values the kernels see; shapes with NH=12, HS=64, B=2..8 and T in
 {1, 17, 64, 100, 1024} (T=1, tiles not filled, 36 heads = two full head groups and a partial
 one). Outputs and scratch are poisoned with NaN first. The forward and backward are bitwise
@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from llmc import reference
+from llmc.model import reference
 from tests.gpu_arrays import UINT, device, host, poison
 from tests.tolerances import assert_close
 

@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from llmc import checkpoint
+from llmc.training import checkpoint
 from llmc.config import ModelConfig
 from llmc.export import main as export_main
 from llmc.formats import FormatError, ModelFile, hf, load_model, save_model
-from llmc.params import init_params, num_params, views
+from llmc.model.params import init_params, num_params, views
 
 ROOT = Path(__file__).resolve().parents[1]
 L, NH, C, MAXT = 2, 2, 16, 16

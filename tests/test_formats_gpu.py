@@ -26,7 +26,7 @@ TOL = {"fp32": 1e-4, "bf16": 2e-2}
 def test_imported_logits_match_transformers_on_gpu(tmp_path, dtype, attention):
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from llmc.gpu_model import GPUModel
+    from llmc.model.gpu_model import GPUModel
     from tests.test_formats_transformers import hf_logits, random_hf_model
     # C=128, NH=2: head size 64, so bf16 runs both attention kernels
     model = random_hf_model(seed=1, dtype=torch.float32 if dtype == "fp32" else torch.bfloat16,

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from llmc.config import ModelConfig
-from llmc.cpu_model import CPUModel
+from llmc.model.cpu_model import CPUModel
 from llmc.formats import load_model, save_model
-from llmc.params import init_params, num_params, views
+from llmc.model.params import init_params, num_params, views
 from tests.tolerances import rel_err
 
 torch = pytest.importorskip("torch")

@@ -1,4 +1,4 @@
-"""GELU on the GPU (llmc/ops/gelu.py) against llmc.reference.gelu_forward/backward.
+"""GELU on the GPU (llmc/ops/gelu.py) against llmc.model.reference.gelu_forward/backward.
 
 Forward and backward in fp32 and bf16, reference in float64 on the values as stored; outputs
 poisoned with NaN first. Shapes: the production MLP activation (B=4, T=1024, 4C=3072), T=1, and
@@ -10,7 +10,7 @@ Run: pytest tests/test_gelu.py        (the gpu tests skip without a CUDA device)
 import numpy as np
 import pytest
 
-from llmc import reference
+from llmc.model import reference
 from tests.gpu_arrays import DTYPES, device, host, poisoned
 from tests.tolerances import assert_close
 

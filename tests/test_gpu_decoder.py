@@ -1,4 +1,4 @@
-"""KV-cache generation on the GPU (llmc/gpu_decoder.py) against the CPU oracles.
+"""KV-cache generation on the GPU (llmc/inference/gpu_decoder.py) against the CPU oracles.
 
 - fp32 greedy generation equals a full-forward recomputation on the CPU (CPUModel.logits of
   the whole prefix, argmax) token by token for 200 tokens, for a batch of prompts of different
@@ -25,7 +25,7 @@ PROMPTS = [[464, 329, 318], [999], [11, 262, 37, 110, 286, 8, 7, 6, 5, 4, 3, 2]]
 
 
 def test_fp32_greedy_equals_full_forward_200_tokens():
-    from llmc.gpu_decoder import GPUDecoder
+    from llmc.inference.gpu_decoder import GPUDecoder
     params = peaked_weights(MC)
     dec = GPUDecoder(MC, params, max_batch=3, dtype="fp32")
     got = dec.generate_all(PROMPTS, 200, temperature=0, stop_at_eot=False)
@@ -39,7 +39,7 @@ def test_fp32_greedy_equals_full_forward_200_tokens():
 def test_fp32_greedy_equals_transformers(tmp_path):
     torch = pytest.importorskip("torch")
     from llmc.formats import load_model
-    from llmc.gpu_decoder import GPUDecoder
+    from llmc.inference.gpu_decoder import GPUDecoder
     from tests.test_decoder import _hf_dir
     mc = ModelConfig(n_layer=2, n_head=2, n_embd=128, block_size=128)
     model = _hf_dir(tmp_path, mc)
@@ -56,7 +56,7 @@ def test_fp32_greedy_equals_transformers(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_graph_replay_equals_eager(dtype):
-    from llmc.gpu_decoder import GPUDecoder
+    from llmc.inference.gpu_decoder import GPUDecoder
     params = peaked_weights(MC, scale=0.1)
     kw = dict(temperature=0.9, top_k=40, top_p=0.95, seed=7, stop_at_eot=False)
     graph = GPUDecoder(MC, params, max_batch=3, dtype=dtype, graphs=True)
@@ -69,7 +69,7 @@ def test_graph_replay_equals_eager(dtype):
 
 
 def test_streaming_on_gpu_matches_one_update():
-    from llmc.gpu_decoder import GPUDecoder
+    from llmc.inference.gpu_decoder import GPUDecoder
     dec = GPUDecoder(MC, peaked_weights(MC), max_batch=3)
     kw = dict(temperature=1.0, top_k=20, seed=3, stop_at_eot=False)
     ups = list(dec.generate(PROMPTS, 30, stream_every=4, **kw))

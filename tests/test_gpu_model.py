@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from llmc.config import ModelConfig, model_config
-from llmc.params import init_params, param_specs
+from llmc.model.params import init_params, param_specs
 from tests.tolerances import rel_err
 
 pytestmark = pytest.mark.gpu
@@ -96,14 +96,14 @@ def torch_reference(torch, mc, flat, x, y):
 
 
 def gpu_model(mc, B, T, dtype, flat, attention="auto", recompute=0):
-    from llmc.gpu_model import GPUModel
+    from llmc.model.gpu_model import GPUModel
     m = GPUModel(mc, B, T, dtype=dtype, attention=attention, recompute=recompute)
     m.load_params(flat)
     return m
 
 
 def grads_host(model):
-    from llmc.gpu_model import to_host
+    from llmc.model.gpu_model import to_host
     return to_host(model.grads).astype(np.float64)
 
 
@@ -198,7 +198,7 @@ def test_params_round_trip():
 
 @pytest.mark.parametrize("name,dtype", [("small", "fp32"), ("small", "bf16"), ("d12", "bf16")])
 def test_adamw_trajectory_matches_torch(torch, name, dtype):
-    from llmc.gpu_optim import GPUAdamW
+    from llmc.training.gpu_optim import GPUAdamW
     from tests.torch_gpt2 import make_optimizer
     mc, B, T = CONFIGS[name]
     lr, wd, clip = 1e-3, 0.1, 1.0
@@ -240,7 +240,7 @@ def test_adamw_trajectory_matches_torch(torch, name, dtype):
 
 def test_optimizer_state_round_trip():
     """state_dict -> load_state_dict into a fresh optimizer continues bitwise; shard checks."""
-    from llmc.gpu_optim import GPUAdamW
+    from llmc.training.gpu_optim import GPUAdamW
     mc, B, T = CONFIGS["small"]
     flat = weights(mc)
     x, y = batch(mc, B, T)
@@ -273,7 +273,7 @@ def test_optimizer_state_round_trip():
 def test_sharded_update_equals_whole():
     """Two ZeRO shards give the whole-buffer update bit for bit (clipping off: a summed norm may
     differ from the whole one in the last bit); norm_reduce sees each shard's squared norm."""
-    from llmc.gpu_optim import GPUAdamW
+    from llmc.training.gpu_optim import GPUAdamW
     mc, B, T = CONFIGS["small"]
     flat = weights(mc)
     x, y = batch(mc, B, T)

@@ -1,7 +1,7 @@
 """GPUModel/GPUAdamW wiring checked on the CPU, with a NumPy stand-in for CuPy (no GPU needed).
 
 Two checks, each in a fresh subprocess (the stand-in replaces `cupy` in sys.modules there only):
-- numerics: every op launcher is replaced by its llmc.reference math (with the op contract's
+- numerics: every op launcher is replaced by its llmc.model.reference math (with the op contract's
   `=`/`+=` semantics, fresh buffers poisoned with NaN, aliasing asserted absent where the
   contract forbids it); fp32 GPUModel + GPUAdamW must then equal CPUModel (float64) + AdamW:
   loss, every gradient tensor, the gradient norm, 4 optimizer steps with 2 micro-steps each,
@@ -125,7 +125,7 @@ def install_fake_cupy():
 # mode "numerics": reference math behind every launcher
 
 def install_reference_ops():
-    from llmc import reference as ref
+    from llmc.model import reference as ref
     from llmc.ops import adamw, attention, classifier, encoder, gelu, layernorm, matmul
     A = np.asarray
 
@@ -239,11 +239,11 @@ def check_numerics():
     install_fake_cupy()
     install_reference_ops()
     from llmc.config import ModelConfig
-    from llmc.cpu_model import CPUModel
-    from llmc.gpu_model import GPUModel
-    from llmc.gpu_optim import GPUAdamW
-    from llmc.optim import AdamW
-    from llmc.params import init_params, views
+    from llmc.model.cpu_model import CPUModel
+    from llmc.model.gpu_model import GPUModel
+    from llmc.training.gpu_optim import GPUAdamW
+    from llmc.training.optim import AdamW
+    from llmc.model.params import init_params, views
     from tests.tolerances import rel_err
     mc = ModelConfig(n_layer=3, n_head=2, n_embd=16, vocab_size=61, padded_vocab_size=64,
                      block_size=16)
@@ -291,7 +291,9 @@ def check_numerics():
 
 def check_launchers():
     cp = install_fake_cupy()
-    from llmc import cublas, cublaslt, kernels
+    from llmc import kernels
+    from llmc.cuda import cublas
+    from llmc.cuda import cublaslt
     launched = []
 
     class Kernel:
@@ -326,9 +328,9 @@ def check_launchers():
     import llmc.ops.flash_attention as flash
     flash._kernel = lambda family, kind, warps: Kernel(f"flash.{kind}")
     from llmc.config import ModelConfig
-    from llmc.gpu_model import GPUModel
-    from llmc.gpu_optim import GPUAdamW
-    from llmc.params import init_params
+    from llmc.model.gpu_model import GPUModel
+    from llmc.training.gpu_optim import GPUAdamW
+    from llmc.model.params import init_params
     small = ModelConfig(n_layer=2, n_head=2, n_embd=128, vocab_size=1000,
                         padded_vocab_size=1024, block_size=128)
     cases = [(small, 4, 64, "bf16", "flash", 0, 1), (small, 4, 64, "bf16", "matmul", 1, 3),

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from llmc.config import ModelConfig, TrainConfig, model_config
-from llmc.params import init_params
+from llmc.model.params import init_params
 from tests.gpu_arrays import UINT
 
 pytestmark = pytest.mark.gpu
@@ -45,8 +45,8 @@ def batches(n, b=B, t=T, seed=0):
 
 
 def make(dtype="bf16", attention="auto", recompute=0, b=B, seed=0, chunks=1):
-    from llmc.gpu_model import GPUModel
-    from llmc.gpu_optim import GPUAdamW
+    from llmc.model.gpu_model import GPUModel
+    from llmc.training.gpu_optim import GPUAdamW
     model = GPUModel(SMALL, b, T, dtype=dtype, attention=attention, recompute=recompute,
                      classifier_chunks=chunks)
     model.load_params(init_params(SMALL, seed))
@@ -54,7 +54,7 @@ def make(dtype="bf16", attention="auto", recompute=0, b=B, seed=0, chunks=1):
 
 
 def bits(arr):
-    from llmc.gpu_model import to_host
+    from llmc.model.gpu_model import to_host
     host = to_host(arr)
     return host.view(UINT[host.itemsize])
 
@@ -121,7 +121,7 @@ def test_recompute_is_bitwise(dtype):
 
 
 def test_classifier_chunks_match_one_chunk():
-    from llmc.gpu_model import to_host
+    from llmc.model.gpu_model import to_host
     from tests.tolerances import rel_err
     x, y = batches(1)[0]
     out = []
@@ -140,7 +140,7 @@ def test_classifier_chunks_match_one_chunk():
 
 def test_gradient_accumulation():
     """loss_scale 1/2 over two halves of a batch == the whole batch at once (fp32)."""
-    from llmc.gpu_model import to_host
+    from llmc.model.gpu_model import to_host
     from tests.tolerances import rel_err
     x, y = batches(1)[0]
     whole, _ = make("fp32", b=B)
@@ -157,8 +157,8 @@ def test_gradient_accumulation():
 
 def test_on_layer_grads_order_and_completeness():
     """Each callback sees its layer's gradients final: equal to those after the whole backward."""
-    from llmc.gpu_model import to_host
-    from llmc.params import param_specs
+    from llmc.model.gpu_model import to_host
+    from llmc.model.params import param_specs
     x, y = batches(1)[0]
     model, _ = make("fp32")
     model.zero_grad()
@@ -201,7 +201,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="targets"):
         model.forward_backward(x, x + SMALL.vocab_size, 1.0)
     with pytest.raises(ValueError, match="dtype"):
-        from llmc.gpu_model import GPUModel
+        from llmc.model.gpu_model import GPUModel
         GPUModel(SMALL, B, T, dtype="fp16")
 
 
@@ -210,11 +210,11 @@ def test_d12_tinyshakespeare_matches_torch(tmp_path):
     """100 steps of d12 on tiny-shakespeare: llmc bf16 vs PyTorch bf16 autocast, same start."""
     torch = pytest.importorskip("torch")
     import cupy
-    from llmc.data import DataLoader
-    from llmc.datasets import tinyshakespeare
-    from llmc.gpu_model import GPUModel
-    from llmc.gpu_optim import GPUAdamW
-    from llmc.optim import lr_at
+    from llmc.data.loader import DataLoader
+    from llmc.data.datasets import tinyshakespeare
+    from llmc.model.gpu_model import GPUModel
+    from llmc.training.gpu_optim import GPUAdamW
+    from llmc.training.optim import lr_at
     from tests.torch_gpt2 import TorchGPT2, load_flat, make_optimizer
     mc = model_config("d12")
     Bs, Ts, steps = 8, 1024, 100

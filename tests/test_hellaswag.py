@@ -24,7 +24,7 @@ import pytest
 
 from data_tools import hellaswag as hs
 from llmc.eval import EvalFileError, ending_losses, hellaswag_eval, load_examples, save_examples
-from llmc.tokenizer import VOCAB_SIZE, encode
+from llmc.data.tokenizer import VOCAB_SIZE, encode
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = [
@@ -207,8 +207,8 @@ def test_ending_losses_match_the_cpu_model_cross_entropy():
     """With llmc's CPUModel: scoring a whole row averages to model.forward's mean loss, and
     scoring from token 3 on gives the same per-token losses as the tail of the whole row."""
     from llmc.config import ModelConfig
-    from llmc.cpu_model import CPUModel
-    from llmc.params import init_params
+    from llmc.model.cpu_model import CPUModel
+    from llmc.model.params import init_params
     mc = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=32)
     model = CPUModel(mc, B=2, T=16)
     model.load_params(init_params(mc, seed=3))

@@ -15,7 +15,7 @@ import pytest
 
 from llmc.config import ModelConfig
 from llmc.formats import load_model, save_model
-from llmc.params import init_params, views
+from llmc.model.params import init_params, views
 from llmc.train import main
 
 ROOT = Path(__file__).resolve().parents[1]

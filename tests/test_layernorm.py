@@ -1,4 +1,4 @@
-"""LayerNorm and residual on the GPU (llmc/ops/layernorm.py) against llmc.reference.
+"""LayerNorm and residual on the GPU (llmc/ops/layernorm.py) against llmc.model.reference.
 
 layernorm_forward (out, mean, rstd), fused_residual_layernorm_forward (the residual is stored
 exactly as the rounded sum, and normalized as stored), residual_forward (bit-exact sum) and
@@ -13,7 +13,7 @@ Run: pytest tests/test_layernorm.py        (the gpu tests skip without a CUDA de
 import numpy as np
 import pytest
 
-from llmc import reference
+from llmc.model import reference
 from tests.gpu_arrays import DTYPES, UINT, device, host, host_bits, poisoned
 from tests.tolerances import assert_close
 

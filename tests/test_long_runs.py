@@ -15,11 +15,11 @@ import sys
 import numpy as np
 import pytest
 
-from llmc import checkpoint
+from llmc.training import checkpoint
 from llmc.config import ConfigError, TrainConfig, resolve
-from llmc.guard import OutlierDetector, OutlierGuard
-from llmc.progress import Progress
-from llmc.runlock import RunLock
+from llmc.training.guard import OutlierDetector, OutlierGuard
+from llmc.training.progress import Progress
+from llmc.training.runlock import RunLock
 from llmc.train import main
 from tests.run_helpers import TINY, TRAJ, cli, env, losses, one_line_error
 
@@ -110,7 +110,7 @@ def test_bad_optimizer_and_schedule_flags(flag, value, expect):
 def test_end_of_run_work_comes_after_the_final_checkpoint(tmp_path, monkeypatch):
     from llmc import eval as llmc_eval
     from llmc.eval import save_examples
-    from llmc.tokenizer import encode
+    from llmc.data.tokenizer import encode
     hs = save_examples(tmp_path / "hs.npz", [(encode("a b"), [encode(" c")] * 4, 0)])
 
     def broken(*a, **k):
@@ -121,7 +121,7 @@ def test_end_of_run_work_comes_after_the_final_checkpoint(tmp_path, monkeypatch)
 
 
 def test_split_metadata_is_checked(tmp_path, capsys):
-    from llmc.datasets import tinyshakespeare
+    from llmc.data.datasets import tinyshakespeare
     train, val = tinyshakespeare()
     r = cli(TINY + ["--max-steps", "1", "--out-dir", str(tmp_path / "a"), "--train-data", str(train),
                      "--val-data", str(train)])
@@ -183,7 +183,7 @@ def test_guard_skips_on_gpu(tmp_path, monkeypatch):
     """The GPU path's split update (norm, host decision, update or skip): a skipped step leaves
     the weights bitwise as they were; decisions survive a resume."""
     import llmc.train as train_mod
-    from llmc import trainer
+    from llmc.training import trainer
     monkeypatch.setattr(train_mod, "OutlierGuard", lambda lz, gz: OutlierGuard(lz, gz, window=2))
     seen = []
     real = trainer.GPUBackend.train_step
@@ -204,11 +204,11 @@ def test_guard_skips_on_gpu(tmp_path, monkeypatch):
 
 
 def test_guard_skip_keeps_weights():
-    from llmc.trainer import CPUBackend
+    from llmc.training.trainer import CPUBackend
     cfg = resolve(TrainConfig(model="d4", n_layer=1, n_embd=32, n_head=2, batch_size=2, seq_len=16), "cpu")
-    from llmc.data import DataLoader
-    from llmc.datasets import tinyshakespeare
-    from llmc.params import init_params
+    from llmc.data.loader import DataLoader
+    from llmc.data.datasets import tinyshakespeare
+    from llmc.model.params import init_params
     be = CPUBackend(cfg, cfg.model_config())
     be.load_params(init_params(cfg.model_config(), 0))
     loader = DataLoader([tinyshakespeare()[0]], 2, 16)

@@ -1,5 +1,5 @@
-"""Matmul on the GPU: llmc.cublas.gemm, llmc.cublaslt.matmul and llmc/ops/matmul.py against
-NumPy / llmc.reference.
+"""Matmul on the GPU: llmc.cuda.cublas.gemm, llmc.cuda.cublaslt.matmul and llmc/ops/matmul.py against
+NumPy / llmc.model.reference.
 
 cublas.gemm: the four transpose combinations, alpha/beta, batched (3-D), a or b broadcast (2-D
 with a 3-D partner), row-strided views (column slices of a wider array) and 4-D batches whose
@@ -7,7 +7,7 @@ strides do not merge (heads of a qkv buffer); fp32 must match float64 to 1e-5 (n
 to the bf16 tolerance.
 cublaslt.matmul: the transpose combinations, beta = 1, row-strided views, no TF32 in fp32, the
 bias epilogue, and the DGELU epilogue on exact inputs over [-8, 8], which must be the gradient
-of llmc.reference's tanh GELU to the dtype's tolerance. Argument validation.
+of llmc.model.reference's tanh GELU to the dtype's tolerance. Argument validation.
 matmul_forward/backward: out = inp @ weight.T + bias, dinp =, dweight += and dbias += onto
 random initial values, with and without bias, (N, C) and (B, T, C) inputs, and the backward
 with the GELU fused (pre_gelu: dinp = (dout @ weight) * gelu'(pre_gelu)); dbias is bitwise
@@ -19,7 +19,7 @@ Run: pytest tests/test_matmul.py        (the gpu tests skip without a CUDA devic
 import numpy as np
 import pytest
 
-from llmc import reference
+from llmc.model import reference
 from tests.gpu_arrays import DTYPES, device, host, host_bits, poisoned
 from tests.tolerances import assert_close
 
@@ -43,7 +43,7 @@ def randn(rng, shape, dtype, scale=1.0):
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("mnk", [(256, 192, 320), (1, 7, 3), (65, 33, 129)], ids=str)
 def test_gemm_transposes(mnk, trans_b, trans_a, dtype):
-    from llmc.cublas import gemm
+    from llmc.cuda.cublas import gemm
     M, N, K = mnk
     rng = np.random.default_rng(M + N + K)
     a, a64 = randn(rng, (K, M) if trans_a else (M, K), dtype)
@@ -57,7 +57,7 @@ def test_gemm_transposes(mnk, trans_b, trans_a, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_gemm_alpha_beta(dtype):
-    from llmc.cublas import gemm
+    from llmc.cuda.cublas import gemm
     rng = np.random.default_rng(1)
     a, a64 = randn(rng, (64, 96), dtype)
     b, b64 = randn(rng, (96, 48), dtype)
@@ -71,7 +71,7 @@ def test_gemm_alpha_beta(dtype):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("bcast", ["none", "a", "b"])
 def test_gemm_batched(bcast, dtype):
-    from llmc.cublas import gemm
+    from llmc.cuda.cublas import gemm
     rng = np.random.default_rng(2)
     Bt, M, N, K = 6, 40, 24, 56
     a, a64 = randn(rng, (M, K) if bcast == "a" else (Bt, M, K), dtype)
@@ -86,7 +86,7 @@ def test_gemm_batched(bcast, dtype):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_gemm_strided_views(dtype):
     """q/k/v column slices of a (N, 3C) buffer, and per-head views of (B, T, 3, NH, HS)."""
-    from llmc.cublas import gemm
+    from llmc.cuda.cublas import gemm
     rng = np.random.default_rng(3)
     B, T, NH, HS = 3, 17, 4, 16
     C = NH * HS
@@ -119,7 +119,7 @@ def test_gemm_strided_views(dtype):
 @pytest.mark.gpu
 def test_gemm_fp32_is_not_tf32():
     """Products whose exact value TF32 (10-bit mantissa inputs) would visibly change."""
-    from llmc.cublas import gemm
+    from llmc.cuda.cublas import gemm
     rng = np.random.default_rng(4)
     a = (1.0 + rng.random((512, 512)) * 2.0 ** -12).astype(np.float32)
     b = (1.0 + rng.random((512, 512)) * 2.0 ** -12).astype(np.float32)
@@ -133,7 +133,7 @@ def test_gemm_fp32_is_not_tf32():
 @pytest.mark.gpu
 def test_gemm_validation():
     import cupy
-    from llmc.cublas import gemm
+    from llmc.cuda.cublas import gemm
     f32 = np.float32
     a, b, c = cupy.ones((4, 8), f32), cupy.ones((8, 5), f32), cupy.empty((4, 5), f32)
     with pytest.raises(ValueError, match="inner"):
@@ -161,7 +161,7 @@ def test_gemm_validation():
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("mnk", [(256, 192, 320), (1, 8, 3), (65, 40, 129)], ids=str)
 def test_lt_transposes(mnk, trans_b, trans_a, dtype):
-    from llmc.cublaslt import matmul
+    from llmc.cuda.cublaslt import matmul
     M, N, K = mnk
     rng = np.random.default_rng(M + N + K)
     a, a64 = randn(rng, (K, M) if trans_a else (M, K), dtype)
@@ -176,7 +176,7 @@ def test_lt_transposes(mnk, trans_b, trans_a, dtype):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_lt_beta_bias_and_strided(dtype):
     """beta = 1 onto c; the bias epilogue; a, b, c as column slices of wider arrays."""
-    from llmc.cublaslt import matmul
+    from llmc.cuda.cublaslt import matmul
     rng = np.random.default_rng(11)
     a, a64 = randn(rng, (64, 3 * 96), dtype)
     b, b64 = randn(rng, (48, 96), dtype)
@@ -195,12 +195,12 @@ def test_lt_beta_bias_and_strided(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_lt_dgelu_is_tanh_gelu_backward(dtype):
-    """cuBLASLt's GELU gradient on exact inputs x over [-8, 8] is llmc.reference's tanh GELU's
+    """cuBLASLt's GELU gradient on exact inputs x over [-8, 8] is llmc.model.reference's tanh GELU's
     (the erf GELU's gradient differs from it by up to 9e-4, far beyond the fp32 tolerance).
 
     The product g (8, 1) @ ones (1, n) is exact, so c = g * gelu'(x) holds only the epilogue's
     error."""
-    from llmc.cublaslt import matmul
+    from llmc.cuda.cublaslt import matmul
     n = 4096
     x = np.ascontiguousarray(np.broadcast_to(np.linspace(-8.0, 8.0, n).astype(DTYPES[dtype]),
                                              (8, n)))
@@ -214,7 +214,7 @@ def test_lt_dgelu_is_tanh_gelu_backward(dtype):
 
 @pytest.mark.gpu
 def test_lt_fp32_is_not_tf32():
-    from llmc.cublaslt import matmul
+    from llmc.cuda.cublaslt import matmul
     rng = np.random.default_rng(4)
     a = (1.0 + rng.random((512, 512)) * 2.0 ** -12).astype(np.float32)
     b = (1.0 + rng.random((512, 512)) * 2.0 ** -12).astype(np.float32)
@@ -227,7 +227,7 @@ def test_lt_fp32_is_not_tf32():
 @pytest.mark.gpu
 def test_lt_validation():
     import cupy
-    from llmc.cublaslt import matmul
+    from llmc.cuda.cublaslt import matmul
     f32 = np.float32
     a, b, c = cupy.ones((4, 8), f32), cupy.ones((8, 16), f32), cupy.empty((4, 16), f32)
     with pytest.raises(ValueError, match="inner"):
@@ -294,7 +294,7 @@ def test_forward_3d(dtype):
 @pytest.mark.parametrize("shape", [(1, 768, 3072), (64, 768, 3072), (37, 40, 96)],
                          ids=["decode_fc_B1", "decode_fc_B64", "N37C40OC96"])
 def test_forward_gelu_epilogue(shape, dtype):
-    """gelu=True: gelu(x @ w.T + b) with the tanh GELU of llmc.reference (generation's fc)."""
+    """gelu=True: gelu(x @ w.T + b) with the tanh GELU of llmc.model.reference (generation's fc)."""
     from llmc.ops.matmul import matmul_forward
     N, C, OC = shape
     rng = np.random.default_rng(N + C + OC + 1)
@@ -496,7 +496,7 @@ def test_validation():
 def test_product_dims_shared_by_cublas_and_cublaslt():
     """The one shape check both product wrappers use: (M, N, K), or a ValueError naming a/b."""
     from types import SimpleNamespace as A
-    from llmc.cublas import product_dims
+    from llmc.cuda.cublas import product_dims
     c = A(shape=(4, 5))
     assert product_dims(c, A(shape=(4, 8)), A(shape=(8, 5)), False, False) == (4, 5, 8)
     assert product_dims(c, A(shape=(8, 4)), A(shape=(5, 8)), True, True) == (4, 5, 8)

@@ -1,4 +1,4 @@
-"""The public op API (llmc.ops): every functional form against llmc.reference, the host/device
+"""The public op API (llmc.ops): every functional form against llmc.model.reference, the host/device
 transfers bit for bit, and (on any machine) that the API is complete, documented in its
 docstrings and in docs/OPS.md, and rejects host arrays with a ValueError naming the argument.
 
@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmc import ops, reference
+from llmc import ops
+
+from llmc.model import reference
 from tests.gpu_arrays import DTYPES, host
 from tests.tolerances import assert_close
 

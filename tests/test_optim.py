@@ -1,4 +1,4 @@
-"""llmc/optim.py against values worked out by hand: AdamW, the LR schedule, clipping.
+"""llmc/training/optim.py against values worked out by hand: AdamW, the LR schedule, clipping.
 
 - `adamw_step`: two steps on tiny float64 arrays, with decoupled weight decay on one entry only;
   constant gradients must give an update of exactly +-lr per step (bias correction at work).
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from llmc.config import ModelConfig, TrainConfig
-from llmc.optim import AdamW, adamw_step, clip_scale, global_norm, lr_at
-from llmc.params import views
+from llmc.training.optim import AdamW, adamw_step, clip_scale, global_norm, lr_at
+from llmc.model.params import views
 
 HP = dict(beta1=0.9, beta2=0.95, eps=1e-8)
 

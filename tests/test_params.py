@@ -1,4 +1,4 @@
-"""llmc/params.py: parameter counts, the flat layout and its views, GPT-2 initialization.
+"""llmc/model/params.py: parameter counts, the flat layout and its views, GPT-2 initialization.
 
 - Counts: d12/d24/d36/d48 equal the published GPT-2 sizes (124M/350M/774M/1558M, counted with
   the real vocabulary V = 50257) plus the (Vp - V) * C padded wte rows, and every config follows
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from llmc.config import ModelConfig, model_config
-from llmc.params import (DECAYED, PARAM_NAMES, decay_mask, decay_ranges, init_params, num_params,
+from llmc.model.params import (DECAYED, PARAM_NAMES, decay_mask, decay_ranges, init_params, num_params,
                          param_specs, views)
 
 # Published GPT-2 parameter counts (tied head, V = 50257): small, medium, large, XL.

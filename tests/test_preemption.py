@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from llmc import checkpoint
-from llmc.signals import PREEMPTED_EXIT
+from llmc.training import checkpoint
+from llmc.training.signals import PREEMPTED_EXIT
 from llmc.train import main
 from tests.run_helpers import TINY, TRAJ, cli, env, losses, signal_after, steps_logged
 

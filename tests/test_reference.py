@@ -1,4 +1,4 @@
-"""Every backward in llmc/reference.py against float64 central finite differences of its forward.
+"""Every backward in llmc/model/reference.py against float64 central finite differences of its forward.
 
 For an op f and a fixed random cotangent R, the scalar J = sum(f(x) * R) has dJ/dx = backward(R);
 that analytic gradient is compared element-wise with (J(x + h e_i) - J(x - h e_i)) / 2h over all
@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from llmc import reference as ref
+from llmc.model import reference as ref
 
 H = 1e-6  # central-difference step in float64: truncation ~h^2, rounding ~eps/h, both < 1e-9
 RTOL = 1e-6

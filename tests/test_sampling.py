@@ -13,7 +13,7 @@ Run: pytest -m gpu tests/test_sampling.py
 import numpy as np
 import pytest
 
-from llmc import reference
+from llmc.model import reference
 from tests.gpu_arrays import DTYPES, device
 
 pytestmark = pytest.mark.gpu

@@ -1,4 +1,4 @@
-"""Token shards (llmc/shards.py): round trip, zero-copy reads, atomic writes, and a clear
+"""Token shards (llmc/data/shards.py): round trip, zero-copy reads, atomic writes, and a clear
 ShardError ("<path>: <problem>; <fix>") for every kind of bad file.
 
 Bad files are forged with pyarrow directly (wrong metadata, column, dtype, counts) or by
@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
 
-from llmc import shards
-from llmc.shards import ShardError, find_shards, open_shard, read_meta, write_shard
+from llmc.data import shards
+from llmc.data.shards import ShardError, find_shards, open_shard, read_meta, write_shard
 
 GOOD_META = {"llmc.format": "llmc-tokens", "llmc.version": "1", "llmc.tokenizer": "gpt2",
              "llmc.vocab_size": "50257", "llmc.split": "train"}

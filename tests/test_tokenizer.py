@@ -4,7 +4,9 @@ Run: pytest tests/test_tokenizer.py
 """
 import hashlib
 
-from llmc import assets, tokenizer
+from llmc import assets
+
+from llmc.data import tokenizer
 
 
 def test_known_ids():

@@ -98,7 +98,7 @@ def test_bad_input_one_clear_line(tmp_path, case):
 
 def test_hellaswag_scored_at_validation(tmp_path):
     from llmc.eval import save_examples
-    from llmc.tokenizer import encode
+    from llmc.data.tokenizer import encode
     examples = [(encode("The cat sat on the"), [encode(" mat."), encode(" moon."), encode(" dog."),
                                                  encode(" idea.")], 0)] * 3
     path = save_examples(tmp_path / "hs.npz", examples)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from llmc.config import ModelConfig
-from llmc.params import init_params
+from llmc.model.params import init_params
 
 ROOT = Path(__file__).resolve().parents[1]
 MC = ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=64)
@@ -40,9 +40,9 @@ def cli(module, *args):
 
 
 def test_generate_streams_one_prompt(hf_dir):
-    from llmc.decoder import CPUDecoder
+    from llmc.inference.decoder import CPUDecoder
     from llmc.formats import load_model
-    from llmc.tokenizer import EOT, decode, encode
+    from llmc.data.tokenizer import EOT, decode, encode
     r = cli("llmc.generate", "--model", hf_dir, "--prompt", "To be or not", "--temperature", "0",
             "--max-new-tokens", "12", "--device", "cpu")
     assert r.returncode == 0, r.stderr
@@ -90,7 +90,7 @@ def test_generate_missing_model_and_empty_file(tmp_path):
 
 def _eval_file(path):
     from llmc.eval import save_examples
-    from llmc.tokenizer import encode
+    from llmc.data.tokenizer import encode
     rng = np.random.default_rng(0)
     examples = []
     for i in range(6):
@@ -101,7 +101,7 @@ def _eval_file(path):
 
 
 def test_eval_matches_the_library(hf_dir, tmp_path):
-    from llmc.cpu_model import CPUModel
+    from llmc.model.cpu_model import CPUModel
     from llmc.eval import hellaswag_eval
     from llmc.formats import load_model
     path = _eval_file(tmp_path / "hs.npz")

@@ -1,10 +1,10 @@
-"""ZeRO-1 sharding and data-parallel AdamW (llmc.zero) on the CPU, with simulated ranks.
+"""ZeRO-1 sharding and data-parallel AdamW (llmc.dist.zero) on the CPU, with simulated ranks.
 
 - shard_range: padding, coverage, disjointness, alignment, uneven sizes;
 - plan_buckets: every gradient in exactly one bucket, and a bucket launched from hook(l) holds
   only gradients that are complete when the backward reaches l;
 - the ZeRO-1 step in NumPy over W = 1, 2, 3, 4, 8 ranks (reduce to the owner, adamw_step on each
-  shard clipped by the all-reduced norm, all-gather) equals llmc.optim.AdamW on the averaged
+  shard clipped by the all-reduced norm, all-gather) equals llmc.training.optim.AdamW on the averaged
   gradients, over several steps;
 - DataParallel itself, each rank a thread, with a NumPy model whose backward calls the hooks
   layer by layer, NCCL replaced by an in-process fabric and CuPy streams by no-ops: zero=0 and
@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 from llmc.config import ModelConfig
-from llmc.optim import AdamW, adamw_step, clip_scale
-from llmc.params import decay_mask, num_params, param_specs
-from llmc.zero import (ALIGN, NON_LAYER, DataParallel, padded_size, plan_buckets, shard_range,
+from llmc.training.optim import AdamW, adamw_step, clip_scale
+from llmc.model.params import decay_mask, num_params, param_specs
+from llmc.dist.zero import (ALIGN, NON_LAYER, DataParallel, padded_size, plan_buckets, shard_range,
                        split_by_owner)
 
 MC = ModelConfig(n_layer=3, n_head=2, n_embd=16, vocab_size=60, padded_vocab_size=64, block_size=8)
@@ -258,7 +258,7 @@ class _NumpyModel:
 
 
 class _NumpyAdamW:
-    """GPUAdamW's interface over NumPy (llmc.optim.adamw_step on the shard)."""
+    """GPUAdamW's interface over NumPy (llmc.training.optim.adamw_step on the shard)."""
 
     def __init__(self, model, shard, **hp):
         n = model.params.size
@@ -391,7 +391,7 @@ def test_skipped_step_keeps_weights(fake_cupy, world, zero):
     for s in range(3):
         g = sum(gr[0] for gr in grads[s]) / world
         if s == 1:
-            from llmc.optim import global_norm
+            from llmc.training.optim import global_norm
             ref_norms.append(global_norm(g))
         else:
             ref_norms.append(ref.step(g, 1e-2, s))

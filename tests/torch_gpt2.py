@@ -2,7 +2,7 @@
 
 Written from the GPT-2 architecture (pre-LN transformer blocks, tanh-approximate GELU, causal
 self-attention, learned position embeddings, LM head tied to the token embedding), sharing no
-code with `llmc.reference`; only the flat parameter layout of `llmc.params` is used, to move
+code with `llmc.model.reference`; only the flat parameter layout of `llmc.model.params` is used, to move
 weights in (`load_flat`) and gradients and weights out (`grads_flat`,
 `params_flat`).
 
@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmc.config import ModelConfig
-from llmc.params import param_specs
+from llmc.model.params import param_specs
 
 
 class CausalSelfAttention(nn.Module):

@@ -4,7 +4,7 @@
     m = load_model("openai-community/gpt2")   # or a HF dir, a .safetensors, an llm.c .bin,
                                               # a ckpt_* directory, a training --out-dir
     m.config   # llmc.config.ModelConfig (block_size = the file's context)
-    m.params   # float32 (N,), flat in the llmc.params layout (padded vocabulary rows zero)
+    m.params   # float32 (N,), flat in the llmc.model.params layout (padded vocabulary rows zero)
     m.format   # "hf" | "llmc-bin" | "llmc-ckpt" ;  m.path: what was read
     save_model(m, "out/gpt2-hf", format="hf", dtype="bf16")       # or (config, params)
 
@@ -13,7 +13,7 @@ Modules, one format each: `hf` (config.json + model.safetensors, the transformer
 checkpoints, the hub). Every reader returns the same ModelFile; every failure is a FormatError
 (a ValueError) whose message is one line naming the file, the problem and the fix.
 
-Writing is atomic (llmc.durable.replaced_atomically): the file or directory is written under a
+Writing is atomic (llmc.training.durable.replaced_atomically): the file or directory is written under a
 temporary name beside the target, fsynced, then renamed over it, so a failed export leaves no
 partial output and an existing export is replaced only by a complete one.
 
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from llmc.durable import replaced_atomically
+from llmc.training.durable import replaced_atomically
 from llmc.formats import hf, llmc_bin
 from llmc.formats.detect import load_model
 from llmc.formats.modelfile import FORMATS, FormatError, ModelFile
-from llmc.params import num_params
+from llmc.model.params import num_params
 
 __all__ = ["FORMATS", "FormatError", "ModelFile", "load_model", "save_model"]
 

@@ -1,7 +1,7 @@
 """`load_model`: read a model from whatever is pointed at, deciding the format from what is there.
 
 Accepted, tried in this order:
-    a directory with state.json + model.npy      an llmc checkpoint (ckpt_*/, llmc.checkpoint)
+    a directory with state.json + model.npy      an llmc checkpoint (ckpt_*/, llmc.training.checkpoint)
     a directory holding ckpt_* checkpoints       a training out_dir: the newest complete one
                                                  (a note on stderr names it; the config.json
                                                  there is the run's, not a model's)
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from llmc import checkpoint
+from llmc.training import checkpoint
 from llmc.config import ConfigError, ModelConfig
 from llmc.formats import hf, llmc_bin
 from llmc.formats.modelfile import FormatError, ModelFile
-from llmc.params import num_params
+from llmc.model.params import num_params
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _ACCEPTED = ("a Hugging Face GPT-2 directory (config.json + model.safetensors), an llm.c .bin "

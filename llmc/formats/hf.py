@@ -8,7 +8,7 @@ no torch). Two layouts exist on disk and both are read:
                        h.N.attn.masked_bias buffers, which are constants and are ignored
 Writing produces the save_pretrained layout and a config.json that `from_pretrained` loads.
 
-Differences from llmc's flat layout (llmc.params):
+Differences from llmc's flat layout (llmc.model.params):
 - GPT-2's linear layers are Conv1D modules whose weights are stored (in, out); llmc's are
   (out, in), so every matrix is transposed on the way in and out.
 - wte is (V, C) = (50257, C); llmc pads it to (Vp, C) = (50304, C) with zero rows. Reading
@@ -30,7 +30,7 @@ import numpy as np
 
 from llmc.config import ConfigError, ModelConfig
 from llmc.formats.modelfile import FormatError
-from llmc.params import num_params, views
+from llmc.model.params import num_params, views
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 GPT2_VOCAB = 50257

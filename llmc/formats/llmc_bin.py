@@ -4,7 +4,7 @@ Layout, as llm.c's train_gpt2.cu reads and writes it (little-endian):
     header  int32[256]: [0] magic 20240326, [1] version (3: fp32 weights, 5: bf16 weights),
             [2] max_seq_len (maxT), [3] vocab_size (V), [4] num_layers (L), [5] num_heads (NH),
             [6] channels (C), [7] padded_vocab_size (Vp); the rest zero
-    weights the parameters in llm.c's order, which is exactly the llmc.params flat layout
+    weights the parameters in llm.c's order, which is exactly the llmc.model.params flat layout
             (wte (Vp, C) with its padded rows, wpe, then the per-layer tensors stacked over L)
 So reading is a header check and one contiguous read; bf16 weights are widened to fp32 exactly
 and written back rounded to nearest even (ml_dtypes).
@@ -18,7 +18,7 @@ import numpy as np
 
 from llmc.config import ConfigError, ModelConfig
 from llmc.formats.modelfile import FormatError
-from llmc.params import num_params
+from llmc.model.params import num_params
 
 MAGIC = 20240326
 HEADER_INTS = 256

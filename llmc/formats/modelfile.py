@@ -1,7 +1,7 @@
 """What every model-file reader returns (`ModelFile`) and raises (`FormatError`).
 
 A `ModelFile` is format-neutral: the model shape as a `ModelConfig` and the weights as one flat
-float32 buffer in the `llmc.params` layout (padded vocabulary rows included), so a model read
+float32 buffer in the `llmc.model.params` layout (padded vocabulary rows included), so a model read
 from any format can be written to any other, loaded into CPUModel/GPUModel, or trained on.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from llmc.config import ModelConfig
-from llmc.params import num_params
+from llmc.model.params import num_params
 
 FORMATS = ("hf", "llmc-bin", "llmc-ckpt")  # what load_model reports; save_model writes the first two
 
@@ -24,7 +24,7 @@ class FormatError(ValueError):
 @dataclass
 class ModelFile:
     config: ModelConfig
-    params: np.ndarray  # float32 (N,) flat, llmc.params layout
+    params: np.ndarray  # float32 (N,) flat, llmc.model.params layout
     format: str  # "hf" | "llmc-bin" | "llmc-ckpt"
     path: Path  # the file or directory the weights were read from
 

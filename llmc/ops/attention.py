@@ -21,7 +21,7 @@ Matmul method (fp32 or bf16, any head size), HS = C/NH, scale = 1/sqrt(HS):
     dy = split_heads(dout) -> dqkvp[0]; datt = dy @ v^T -> scratch["datt"]; dv = att^T @ dy -> dqkvp[2]
     dpreatt = softmax backward, in place in datt; dq = dpreatt @ k -> dqkvp[0] (dy is dead);
     dk = dpreatt^T @ q -> dqkvp[1]; dqkv = merge_heads(dqkvp)
-  The products are gemmStridedBatchedEx over B*NH heads (llmc.cublas.gemm), so this method cannot
+  The products are gemmStridedBatchedEx over B*NH heads (llmc.cuda.cublas.gemm), so this method cannot
   be captured in a CUDA graph. It stores a T x T matrix per head and layer: the fallback for
   fp32 and head sizes the flash kernel does not take.
 
@@ -37,7 +37,7 @@ import math
 import numpy as np
 
 from llmc import kernels
-from llmc.cublas import gemm
+from llmc.cuda.cublas import gemm
 from llmc.ops import BF16, F32, FLOATX, as_dtype, ceil_div, check, dtype_name
 from llmc.ops.arrays import empty
 

@@ -1,4 +1,4 @@
-"""Linear layer launchers: cuBLASLt products with fused epilogues (llmc/cublaslt.py) plus
+"""Linear layer launchers: cuBLASLt products with fused epilogues (llmc/cuda/cublaslt.py) plus
 kernels/matmul.cu for the bias gradient.
 
     matmul_forward(out (N,OC), inp (N,C), weight (OC,C), bias (OC,) | None, *, gelu=False)
@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmc import cublaslt, kernels
+from llmc import kernels
+
+from llmc.cuda import cublaslt
 from llmc.ops import (ceil_div, check, check_aligned, check_same, check_scratch, dtype_name,
                       pack_size, set_dynamic_smem)
 from llmc.ops.arrays import empty, scratch as new_scratch, zeros

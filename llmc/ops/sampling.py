@@ -9,7 +9,7 @@
 The draw uses a hash of (seed, b, pos[b]), so a fixed seed gives the same tokens every run and
 a captured CUDA graph draws fresh numbers at every replay. A row whose logits are not finite
 gets the id -1 (the caller checks the ids it copies back). The NumPy reference of the filters is
-llmc.reference.sampling_probs.
+llmc.model.reference.sampling_probs.
 
 Tests: pytest -m gpu tests/test_sampling.py
 """

@@ -11,7 +11,7 @@ Who am I, in this order (`read_env`):
 4. none of them: one process.
 
 How the ranks meet (`open_store`; the NCCL unique id travels from rank 0 to the others):
-- LLMC_RENDEZVOUS=file:///shared/dir: files on a shared filesystem (llmc.store.FileStore), in a
+- LLMC_RENDEZVOUS=file:///shared/dir: files on a shared filesystem (llmc.dist.store.FileStore), in a
   subdirectory named by LLMC_RUN_ID or SLURM_JOB_ID when set. Give each run a fresh directory
   otherwise: files a crashed run leaves behind are cleaned by the next rank 0, but a rank that
   starts before it could read them.
@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmc.store import FileStore, StoreError, TCPStoreClient, TCPStoreServer
+from llmc.dist.store import FileStore, StoreError, TCPStoreClient, TCPStoreServer
 
 DEFAULT_PORT = 29500
 

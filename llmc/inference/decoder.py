@@ -1,6 +1,6 @@
 """Text generation with a KV cache: the loop every device shares, and the CPU decoder.
 
-    from llmc.decoder import make_decoder
+    from llmc.inference.decoder import make_decoder
     dec = make_decoder(model_file.config, model_file.params, device="cuda", max_batch=4)
     for update in dec.generate([[50256], ids], max_new_tokens=64, temperature=0.8, top_k=40):
         ...                       # update.new[b]: token ids row b gained since the last update
@@ -12,15 +12,15 @@ Design:
   one decode step per token feeds the newest token, appends its K and V, attends over the
   cache, and chooses the next. Prompts of different lengths share a batch: each row keeps its
   own position, so no row waits for or attends to another's padding.
-- Sampling (temperature, top-k, top-p) follows llmc.reference.sampling_probs on every device;
+- Sampling (temperature, top-k, top-p) follows llmc.model.reference.sampling_probs on every device;
   temperature 0 is greedy. The CPU draws with a NumPy Generator seeded by `seed`; the GPU
   draws with a hash of (seed, row, position) inside the sampling kernel. Either way a seed
   gives the same text every run.
 - `generate` yields an update every `stream_every` tokens (the GPU syncs only then) and at the
   end; with stop_at_eot a row stops at <|endoftext|> (its later tokens are dropped) and the
   loop ends once every row has stopped.
-- The CPU decoder (below) is NumPy over llmc.reference ops, fp32: the oracle for the GPU one.
-  The GPU decoder is llmc/gpu_decoder.py.
+- The CPU decoder (below) is NumPy over llmc.model.reference ops, fp32: the oracle for the GPU one.
+  The GPU decoder is llmc/inference/gpu_decoder.py.
 
 Shapes: B rows (prompts), S the cache length (<= the model's block_size), C, NH, HS, L as in
 docs/DESIGN.md.
@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llmc import reference as ref
+from llmc.model import reference as ref
 from llmc.config import ModelConfig
-from llmc.params import num_params, views
-from llmc.tokenizer import EOT
+from llmc.model.params import num_params, views
+from llmc.data.tokenizer import EOT
 
 LAYER_PARAMS = ("ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
                 "ln2w", "ln2b", "fcw", "fcb", "fcprojw", "fcprojb")
@@ -147,7 +147,7 @@ class Decoder:
 
 
 class CPUDecoder(Decoder):
-    """KV-cache generation in NumPy (fp32), over llmc.reference ops."""
+    """KV-cache generation in NumPy (fp32), over llmc.model.reference ops."""
 
     def __init__(self, mc: ModelConfig, params, max_batch: int = 1, max_len: int | None = None):
         params = np.asarray(params, dtype=np.float32)
@@ -233,7 +233,7 @@ def make_decoder(mc: ModelConfig, params, device: str = "cpu", max_batch: int = 
     if device == "cpu":
         return CPUDecoder(mc, params, max_batch, max_len)
     if device == "cuda":
-        from llmc.gpu_decoder import GPUDecoder
+        from llmc.inference.gpu_decoder import GPUDecoder
         return GPUDecoder(mc, params, max_batch=max_batch, max_len=max_len, dtype=dtype,
                           graphs=graphs)
     raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")

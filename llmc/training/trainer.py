@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmc.device import cuda_available  # noqa: F401 - where llmc.train looks for it
+from llmc.cuda.device import cuda_available  # noqa: F401 - where llmc.train looks for it
 
 
 def device_name() -> str:
@@ -50,8 +50,8 @@ class CPUBackend:
     """NumPy reference model and AdamW, fp32."""
 
     def __init__(self, cfg, mc):
-        from llmc.cpu_model import CPUModel
-        from llmc.optim import AdamW
+        from llmc.model.cpu_model import CPUModel
+        from llmc.training.optim import AdamW
         self.model = CPUModel(mc, cfg.batch_size, cfg.seq_len)
         self.opt = AdamW(self.model.params, mc, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
                          weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
@@ -67,7 +67,7 @@ class CPUBackend:
             x, y = loader.next_batch()
             loss += float(self.model.forward_backward(x, y, 1.0 / accum))
         if skip is not None:
-            from llmc.optim import global_norm
+            from llmc.training.optim import global_norm
             norm = global_norm(self.model.grads)  # what opt.step would return, computed first
             if skip(loss / accum, norm):
                 return loss / accum, float(norm)
@@ -106,8 +106,8 @@ class GPUBackend:
 
     def __init__(self, cfg, mc, dist):
         import cupy
-        from llmc.gpu_model import GPUModel
-        from llmc.zero import DataParallel
+        from llmc.model.gpu_model import GPUModel
+        from llmc.dist.zero import DataParallel
         self.cupy = cupy
         self.dist = dist
         self.world_size, self.rank = dist.world_size, dist.rank
@@ -121,7 +121,7 @@ class GPUBackend:
         self._prefetchers = {}
 
     def _prefetcher(self, loader):
-        from llmc.data import DevicePrefetcher
+        from llmc.data.loader import DevicePrefetcher
         pf = self._prefetchers.get(id(loader))
         if pf is None:
             pf = self._prefetchers[id(loader)] = DevicePrefetcher(loader)

@@ -1,10 +1,10 @@
 """KV-cache text generation on one GPU: our kernels, decode steps replayed as CUDA graphs.
 
     dec = GPUDecoder(mc, params, max_batch=64, dtype="bf16")    # params: host fp32 (N,) flat
-    dec.generate_all([[50256]] * 64, max_new_tokens=128, temperature=0)   # llmc.decoder.Decoder
+    dec.generate_all([[50256]] * 64, max_new_tokens=128, temperature=0)   # llmc.inference.decoder.Decoder
 
-Design (llmc/decoder.py has the loop and the sampling contract):
-- Device state: the parameters (floatX, llmc.params layout), the K and V caches
+Design (llmc/inference/decoder.py has the loop and the sampling contract):
+- Device state: the parameters (floatX, llmc.model.params layout), the K and V caches
   (L, max_batch, NH, S, HS) floatX, every row's token ids `ids` (max_batch, S) int32 and the
   position of the token each row feeds next, `pos` (max_batch,) int32. A step reads and advances
   pos on the device, so a step launched twice does two steps: that is what lets one captured
@@ -19,7 +19,7 @@ Design (llmc/decoder.py has the loop and the sampling contract):
   ln -> logits (B, Vp) of the newest position only -> sample_tokens: 7 launches a layer. Up to
   8 rows (batch-1 decoding) the products are our weight-streaming kernels with the residual +
   LayerNorm fused into the product that reads it (matmul.matvec_layernorm_forward): 5 a layer.
-- Products above 8 rows are cuBLASLt's (llmc/cublaslt.py) on the current stream with its
+- Products above 8 rows are cuBLASLt's (llmc/cuda/cublaslt.py) on the current stream with its
   preallocated workspace, so the whole step, matmuls included, is captured as one CUDA graph
   per batch size (graphs=True) after a first eager step has made every cuBLASLt plan. Replays
   cost one launch from Python per token.
@@ -32,10 +32,10 @@ from __future__ import annotations
 import numpy as np
 
 from llmc.config import ModelConfig
-from llmc.decoder import LAYER_PARAMS, Decoder
-from llmc.gpu_model import DTYPES, from_host
+from llmc.inference.decoder import LAYER_PARAMS, Decoder
+from llmc.model.gpu_model import DTYPES, from_host
 from llmc.ops import F32, I32, attention, decode, layernorm, matmul, sampling
-from llmc.params import num_params, views
+from llmc.model.params import num_params, views
 
 
 class _Rows:

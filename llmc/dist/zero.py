@@ -12,7 +12,7 @@ Averaging: every reduction uses NCCL_AVG (the sum over ranks times 1/world_size 
 so the model's loss_scale stays 1/accum and W ranks with batch B train exactly as one GPU with
 batch W*B.
 
-Buckets and overlap: tensors are stacked over layers (llmc.params), so layers [lo, hi) of all
+Buckets and overlap: tensors are stacked over layers (llmc.model.params), so layers [lo, hi) of all
 12 per-layer tensors are 12 contiguous slices. `plan_buckets` groups consecutive layers, from
 the last one down, until a bucket holds `bucket_bytes` of gradients; the bucket is launched
 from `hook(lo)`, i.e. as soon as the backward has finished layer lo, on a separate
@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llmc.params import param_specs
+from llmc.model.params import param_specs
 
 ALIGN = 128  # elements: 256 B of bf16, 512 B of fp32
 DEFAULT_BUCKET_BYTES = 25 * 2**20
@@ -148,7 +148,7 @@ class DataParallel:
         else:
             self.shards, self.shard = [(0, n)], (0, n)
         if make_optimizer is None:
-            from llmc.gpu_optim import GPUAdamW
+            from llmc.training.gpu_optim import GPUAdamW
 
             def make_optimizer(shard):
                 return GPUAdamW(model, shard=shard, **adamw_kwargs)
@@ -163,7 +163,7 @@ class DataParallel:
             covered = sum(b.size for b in self.buckets)
             if covered != n:
                 raise ValueError(f"bucket plan covers {covered} of {n} gradients: does the model "
-                                 "follow the llmc.params layout?")
+                                 "follow the llmc.model.params layout?")
             self._by_hook = {b.hook: i for i, b in enumerate(self.buckets)}
             self._pieces = [split_by_owner(b.slices, self.shards) if self.zero
                             else [(a, e, None) for a, e in b.slices] for b in self.buckets]
@@ -267,7 +267,7 @@ class DataParallel:
         meta = {}
         for key in ("zero", "world_size", "num_params"):
             if key not in d:
-                raise ValueError(f"optimizer state has no {key!r}: not written by llmc.zero.DataParallel")
+                raise ValueError(f"optimizer state has no {key!r}: not written by llmc.dist.zero.DataParallel")
             meta[key] = int(np.asarray(d.pop(key)))
         if meta["num_params"] != self.num_params:
             raise ValueError(f"optimizer state is for {meta['num_params']} parameters, this model "

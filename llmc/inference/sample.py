@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmc.tokenizer import EOT, decode
+from llmc.data.tokenizer import EOT, decode
 
 
 def softmax_sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0,

@@ -2,7 +2,7 @@
 
 `adamw_step` is the update on any slice (the CPU optimizer applies it to the whole flat buffer,
 ZeRO to a rank's shard); `AdamW` holds the moments for a flat parameter buffer in the
-`llmc.params` layout and is the CPU path's optimizer and the GPU optimizer's oracle.
+`llmc.model.params` layout and is the CPU path's optimizer and the GPU optimizer's oracle.
 
 Math (t = step + 1, counted from 1):
     g *= min(1, clip / (||g|| + 1e-6))           (clip > 0; ||g|| over the whole buffer)
@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 from llmc.config import ModelConfig
-from llmc.params import decay_mask, num_params
+from llmc.model.params import decay_mask, num_params
 
 SCHEDULES = ("cosine", "linear", "constant")
 CLIP_EPS = 1e-6

@@ -1,8 +1,8 @@
-"""GPT-2 on the CPU: the `llmc.reference` ops composed over one flat parameter buffer.
+"""GPT-2 on the CPU: the `llmc.model.reference` ops composed over one flat parameter buffer.
 
 This is the CPU training path (what llm.c's train_gpt2.c is) and the whole-model oracle. It
 implements the model interface of docs/DESIGN.md: `.params` and `.grads` are flat buffers in
-the `llmc.params` layout, `forward_backward` accumulates `loss_scale * dloss/dparams` into
+the `llmc.model.params` layout, `forward_backward` accumulates `loss_scale * dloss/dparams` into
 `.grads` (gradient accumulation is calling it again before `zero_grad`).
 
 Architecture (pre-LN GPT-2, tied LM head):
@@ -16,16 +16,16 @@ B' <= B and T' <= T (sampling feeds shorter sequences).
 
 Usage:
     model = CPUModel(mc, B=4, T=64)
-    model.load_params(llmc.params.init_params(mc, seed=1337))
+    model.load_params(llmc.model.params.init_params(mc, seed=1337))
     model.zero_grad(); loss = model.forward_backward(inputs, targets, loss_scale=1.0)
 """
 from __future__ import annotations
 
 import numpy as np
 
-from llmc import reference as ref
+from llmc.model import reference as ref
 from llmc.config import ModelConfig
-from llmc.params import num_params, views
+from llmc.model.params import num_params, views
 
 _LAYER_PARAMS = ("ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
                  "ln2w", "ln2b", "fcw", "fcb", "fcprojw", "fcprojb")

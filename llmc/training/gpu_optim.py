@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmc.gpu_model import from_host, to_host
+from llmc.model.gpu_model import from_host, to_host
 from llmc.ops import F32, adamw, round_up
-from llmc.params import decay_ranges
+from llmc.model.params import decay_ranges
 
 
 class GPUAdamW:

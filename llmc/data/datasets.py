@@ -24,8 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from llmc import assets, tokenizer
-from llmc.shards import ShardError, open_shard, write_shard
+from llmc import assets
+
+from llmc.data import tokenizer
+from llmc.data.shards import ShardError, open_shard, write_shard
 
 VAL_TOKENS = 32_768  # llm.c's tiny-shakespeare validation split: the first 32,768 tokens
 ASSET = "tinyshakespeare.txt.gz"

@@ -1,7 +1,7 @@
 """Checkpoints: atomic, checksummed directories that a failed run can never leave half-written.
 
 Layout of `<out_dir>/ckpt_<step:08d>/` (more digits past step 99,999,999):
-    model.npy            fp32 weights, flat (llmc.params layout): loadable by any device/world size
+    model.npy            fp32 weights, flat (llmc.model.params layout): loadable by any device/world size
     optim_rank<r>.npz    rank r's optimizer state (AdamW moments; fp32 master shard on the GPU)
     state.json           format version, step, model shape, run config, world size, per-rank
                          data-loader and RNG state, and the manifest: every other file's size
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmc.durable import fsync_dir, fsync_file
+from llmc.training.durable import fsync_dir, fsync_file
 
 FORMAT_VERSION = 2  # 2: state.json holds a manifest of SHA-256 checksums (1 had none)
 _NAME = re.compile(r"^ckpt_(\d{8,})$")

@@ -1,7 +1,7 @@
 """Many GPUs, many nodes: the NCCL communicator (`Dist`) and the watchdog that keeps it honest.
 
 One process per GPU. `init_distributed()` reads the launcher's environment and meets the other
-ranks (llmc.rendezvous), builds one `cupy.cuda.nccl.NcclCommunicator` and returns a `Dist`:
+ranks (llmc.dist.rendezvous), builds one `cupy.cuda.nccl.NcclCommunicator` and returns a `Dist`:
 
     dist = init_distributed()            # world size 1: no NCCL, every collective a no-op
     dist.all_reduce(buf, op="avg")       # in place, on the current stream (or stream=)
@@ -32,9 +32,9 @@ import threading
 import time
 from collections import deque
 
-from llmc.rendezvous import (DistributedError, LaunchEnv, _ranks, exchange_id, open_store,  # noqa: F401
+from llmc.dist.rendezvous import (DistributedError, LaunchEnv, _ranks, exchange_id, open_store,  # noqa: F401
                              read_env)
-from llmc.store import FileStore
+from llmc.dist.store import FileStore
 
 DEFAULT_TIMEOUT_S = 300.0
 WATCHDOG_EXIT = 3  # exit code of a rank that gave up on a peer

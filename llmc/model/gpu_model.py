@@ -3,15 +3,15 @@
 The GPU implementation of the Model interface of docs/DESIGN.md (CPUModel is the CPU one):
 
     model = GPUModel(mc, B, T, dtype="bf16", recompute=0, attention="auto")
-    model.load_params(llmc.params.init_params(mc, seed))       # fp32 host -> floatX device
+    model.load_params(llmc.model.params.init_params(mc, seed))       # fp32 host -> floatX device
     model.zero_grad()
     loss = model.forward_backward(inputs, targets, loss_scale=1.0)   # 0-d cupy f32, not synced
     float(loss)                                                  # the one sync, when wanted
 
 Design:
-- `.params` and `.grads` are each ONE contiguous floatX buffer in the `llmc.params` layout, so
+- `.params` and `.grads` are each ONE contiguous floatX buffer in the `llmc.model.params` layout, so
   the optimizer, ZeRO shards and NCCL see one flat array; per-tensor views are made once.
-- Every activation is allocated at construction for (B, T) (llmc/activations.py); a training
+- Every activation is allocated at construction for (B, T) (llmc/model/activations.py); a training
   step allocates nothing: the step's outputs (the mean loss) live in preallocated 0-d arrays.
   The returned loss array is the model's own and is overwritten by the next call of the same
   method: read it (or add it into your own buffer) before calling again.
@@ -19,7 +19,7 @@ Design:
   fused residual + ln2 -> fc matmul -> gelu -> fcproj matmul -> fused residual + next ln1 (the
   last layer's fuses lnf); logits = lnf @ wte.T (N, Vp); the fused classifier writes the losses
   and overwrites the logits with dlogits = loss_scale/(B*T) * (softmax - onehot). Products are
-  cuBLASLt's with the bias added in their epilogue (llmc/cublaslt.py).
+  cuBLASLt's with the bias added in their epilogue (llmc/cuda/cublaslt.py).
 - The GELU backward is fused into the fcproj backward's dinp product (cuBLASLt's DGELU
   epilogue reads fch): dfch is written once, no separate gelu_backward pass. The forward keeps
   our gelu kernel (cuBLASLt's GELU-with-aux epilogue would save ~0.6 ms a d12 step, but its GELU
@@ -44,12 +44,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmc.activations import Activations
+from llmc.model.activations import Activations
 from llmc.config import ModelConfig
 from llmc.ops import BF16, F32, as_dtype
 from llmc.ops import attention, classifier, encoder, gelu, layernorm, matmul
 from llmc.ops.arrays import from_host, to_host  # noqa: F401 - re-exported for gpu_optim, tests
-from llmc.params import num_params, views
+from llmc.model.params import num_params, views
 
 LAYER_PARAMS = ("ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
                 "ln2w", "ln2b", "fcw", "fcb", "fcprojw", "fcprojb")

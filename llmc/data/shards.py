@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from llmc.durable import fsync_dir
+from llmc.training.durable import fsync_dir
 
 FORMAT = "llmc-tokens"
 VERSION = "1"
@@ -38,7 +38,7 @@ SUFFIX = ".arrow"
 _MAGIC = b"ARROW1"
 # Smallest possible Arrow IPC file: leading magic + padding, footer, footer length, trailing magic.
 _MIN_SIZE = 8 + 4 + 6
-_REWRITE = "rewrite it with llmc.shards.write_shard (or a data_tools CLI)"
+_REWRITE = "rewrite it with llmc.data.shards.write_shard (or a data_tools CLI)"
 
 
 class ShardError(ValueError):

@@ -11,10 +11,10 @@
 op(x) is x, or x.T when trans_x is set. All of a, b, c (and aux, bias) are bf16
 (`ml_dtypes.bfloat16`) or all float32; accumulation is fp32 (CUBLAS_COMPUTE_32F, which never
 uses TF32). The bias is added to the fp32 accumulator, one rounding of c. cuBLASLt's GELU is the
-tanh approximation of llmc.reference (tests/test_matmul.py: its gelu' on exact inputs over
+tanh approximation of llmc.model.reference (tests/test_matmul.py: its gelu' on exact inputs over
 [-8, 8] is within 2e-5 of the reference in fp32 and 9e-4 from the erf GELU's).
 
-Row-major convention, as llmc/cublas.py: a row-major (R, C) array with row stride ld is the
+Row-major convention, as llmc/cuda/cublas.py: a row-major (R, C) array with row stride ld is the
 column-major (C, R) matrix with leading dimension ld, so c = op(a) @ op(b) is computed as the
 column-major c^T = op(b)^T @ op(a)^T: cuBLASLt's A is our b, its B is our a, m = N, n = M. Its
 bias runs along the rows of its D, our columns; its aux matrix is laid out like D.
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llmc.cublas import (BF16, CUBLAS_COMPUTE_32F, CUBLAS_OP_N, CUBLAS_OP_T, CUDA_R_16BF,
+from llmc.cuda.cublas import (BF16, CUBLAS_COMPUTE_32F, CUBLAS_OP_N, CUBLAS_OP_T, CUDA_R_16BF,
                          CUDA_R_32F, F32, product_dims, row_stride)
 
 WORKSPACE_BYTES = 32 << 20

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmc.shards import find_shards, open_shard
+from llmc.data.shards import find_shards, open_shard
 
 STATE_VERSION = 1
 _STATE_KEYS = ("version", "epoch", "cursor", "shard_index", "position", "B", "T", "world_size",
@@ -71,7 +71,7 @@ class DataLoader:
         paths = [Path(p) for p in paths]
         if not paths:
             raise ValueError("DataLoader: no shard paths given; pass shard files, e.g. "
-                             "llmc.shards.find_shards('data/*.arrow')")
+                             "llmc.data.shards.find_shards('data/*.arrow')")
         opened = [open_shard(p) for p in paths]
         self._fingerprint = [[p.name, len(s)] for p, s in zip(paths, opened)]
         for s in opened:

@@ -1,0 +1,1 @@
+"""Text generation: the KV-cache decoders (CPU and GPU) and the trainer's progress samples."""

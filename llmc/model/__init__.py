@@ -1,0 +1,1 @@
+"""GPT-2 itself: the parameter layout, the NumPy reference of every op, the CPU and GPU models."""
