@@ -63,12 +63,11 @@ def check_request(mc: ModelConfig, prompts, max_new_tokens: int, max_batch: int,
                               f"{max_batch}; make the decoder with max_batch={len(prompts)}")
     if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens: expected an integer >= 1, got {max_new_tokens}")
-    if not (np.isfinite(temperature) and temperature >= 0):
-        raise GenerationError(f"--temperature: expected a finite value >= 0 (0 is greedy), got {temperature}")
-    if int(top_k) != top_k or top_k < 0:
-        raise GenerationError(f"--top-k: expected an integer >= 0 (0 keeps every token), got {top_k}")
-    if not (np.isfinite(top_p) and 0 < top_p <= 1):
-        raise GenerationError(f"--top-p: expected a value in (0, 1] (1 keeps every token), got {top_p}")
+    from llmc.ops.sampling import check_sampling
+    try:
+        check_sampling(temperature, top_k, top_p, names=("--temperature", "--top-k", "--top-p"))
+    except ValueError as e:
+        raise GenerationError(str(e)) from None
     out = []
     for i, p in enumerate(prompts):
         ids = [int(t) for t in p]

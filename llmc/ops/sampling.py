@@ -24,14 +24,18 @@ THREADS = 1024  # SAMPLE_THREADS in the kernel
 HIST_BYTES = (THREADS // 32) * 256 * 8  # per-warp radix histograms, 64-bit bins
 
 
-def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    """ValueError naming the setting unless temperature >= 0, top_k >= 0, 0 < top_p <= 1."""
+def check_sampling(temperature: float, top_k: int, top_p: float,
+                   names=("temperature", "top_k", "top_p")) -> None:
+    """ValueError naming the setting unless temperature >= 0, top_k >= 0, 0 < top_p <= 1.
+
+    names: how the message calls the three settings (a CLI passes its flags)."""
+    t, k, p = names
     if not (np.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature: expected a finite value >= 0 (0 is greedy), got {temperature}")
+        raise ValueError(f"{t}: expected a finite value >= 0 (0 is greedy), got {temperature}")
     if int(top_k) != top_k or top_k < 0:
-        raise ValueError(f"top_k: expected an integer >= 0 (0 keeps every token), got {top_k}")
+        raise ValueError(f"{k}: expected an integer >= 0 (0 keeps every token), got {top_k}")
     if not (np.isfinite(top_p) and 0 < top_p <= 1):
-        raise ValueError(f"top_p: expected a value in (0, 1] (1 keeps every token), got {top_p}")
+        raise ValueError(f"{p}: expected a value in (0, 1] (1 keeps every token), got {top_p}")
 
 
 def sample_tokens(ids, pos, logits, V: int, *, temperature: float = 1.0, top_k: int = 0,
