@@ -87,14 +87,22 @@ def test_failing_child_stops_the_others(tmp_path):
 def test_stubborn_child_is_killed_after_grace(tmp_path):
     # a child that ignores SIGTERM: launch_probe with SIGTERM ignored via a wrapper module
     mod = tmp_path / "stubborn_probe.py"
-    mod.write_text("import os, signal, sys, time\n"
+    # rank 0 exits only once rank 1 ignores SIGTERM (its marker file), so the SIGKILL is
+    # needed whatever the load, not only when rank 1 happened to start first
+    ready = tmp_path / "rank1.ignoring"
+    mod.write_text("import os, pathlib, signal, sys, time\n"
                    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-                   "sys.exit(5) if os.environ['RANK'] == '0' else time.sleep(60)\n")
+                   f"ready = pathlib.Path({str(ready)!r})\n"
+                   "if os.environ['RANK'] == '0':\n"
+                   "    while not ready.exists(): time.sleep(0.01)\n"
+                   "    sys.exit(5)\n"
+                   "ready.write_text('1')\n"
+                   "time.sleep(60)\n")
     t0 = time.monotonic()
     r = launch(["--nproc-per-node", "2", "--grace-s", "1", "--module", "stubborn_probe"],
                env_extra={"PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])})
     assert r.returncode == 5, r.stderr
-    assert time.monotonic() - t0 < 20
+    assert time.monotonic() - t0 < 60
     assert "sending SIGKILL" in r.stderr and "rank(s) 1" in r.stderr
 
 
