@@ -1,9 +1,17 @@
 """End to end: llmc (GPUModel + GPUAdamW, bf16) against the project's PyTorch GPT-2, one process.
 
     python bench/e2e.py --model d12 --batch-size 64 --seq-len 1024 --steps 20 [--grad-accum 1]
-        [--recompute 1] [--classifier-chunks 1] [--attention auto] [--no-torch]
-        [--torch-compile | --no-torch-compile]
+        [--recompute 1] [--classifier-chunks 1] [--attention auto] [--no-graphs] [--compare-eager]
+        [--no-torch] [--torch-batch-size 16,64] [--torch-compile | --no-torch-compile]
         [--profile] [--json OUT]
+    python bench/e2e.py --batch-size 16,24,32,64 --recompute 0,1 --torch-batch-size 16,64
+        every (B, recompute) pair of llmc, and the peer at the given B, in one process
+
+--batch-size and --recompute take comma lists: llmc runs every pair (B, recompute), the PyTorch
+peer every B of --torch-batch-size (default: those of --batch-size). --graphs (default) replays
+each llmc micro-step as a CUDA graph; --compare-eager also runs each pair with eager launches,
+and the difference of the two step times is the GPU's idle time between launches that the
+graph removed (the "gap").
 
 Both sides train the same model (random init), batch, sequence length and number of steps on
 random tokens; warm-up steps (NVRTC compiles, torch.compile, cuBLAS heuristics) are excluded.
@@ -57,17 +65,23 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python bench/e2e.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="d12")
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int_list, default=[64], help="comma list, e.g. 16,64")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps before")
     ap.add_argument("--grad-accum", type=int, default=1)
-    ap.add_argument("--recompute", type=int, default=0, choices=(0, 1))
+    ap.add_argument("--recompute", type=int_list, default=[0], help="comma list of 0/1")
+    ap.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
+                    help="llmc: replay each micro-step as a CUDA graph")
+    ap.add_argument("--compare-eager", action="store_true",
+                    help="llmc: also run each configuration with eager launches (the gap)")
     ap.add_argument("--classifier-chunks", type=int, default=1,
                     help="llmc: run the LM head over this many chunks of rows (less memory)")
     ap.add_argument("--attention", default="auto", choices=("auto", "flash", "matmul"))
     ap.add_argument("--torch", dest="torch", action=argparse.BooleanOptionalAction, default=True,
                     help="also run the PyTorch peer (--no-torch: llmc only)")
+    ap.add_argument("--torch-batch-size", type=int_list, default=None,
+                    help="B values of the peer (default: those of --batch-size)")
     ap.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--torch-sdpa", default="flash", choices=("flash", "cudnn", "default"),
                     help="SDPA backend of the PyTorch peer")
@@ -75,12 +89,30 @@ def parse_args(argv=None):
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--seed", type=int, default=1337)
     args = ap.parse_args(argv)
-    for name in ("batch_size", "seq_len", "steps", "grad_accum", "classifier_chunks"):
+    for name in ("seq_len", "steps", "grad_accum", "classifier_chunks"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.torch_batch_size is None:
+        args.torch_batch_size = list(args.batch_size)
+    for name in ("batch_size", "torch_batch_size"):
+        if min(getattr(args, name)) < 1:
+            ap.error(f"--{name.replace('_', '-')} values must be >= 1")
+    if not set(args.recompute) <= {0, 1}:
+        ap.error("--recompute values must be 0 or 1")
     if args.warmup < 1:
         ap.error("--warmup must be >= 1 (the first step compiles)")
     return args
+
+
+def int_list(text: str) -> list:
+    """'16,24,64' -> [16, 24, 64] (argparse type)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
 
 
 def flops_per_token(mc, T: int) -> float:
@@ -94,7 +126,7 @@ def random_batches(mc, B, T, n, seed):
              rng.integers(0, mc.vocab_size, (B, T)).astype(np.int32)) for _ in range(n)]
 
 
-def timed_run(name, runner, args, mc, setup: str) -> dict:
+def timed_run(name, runner, args, mc, setup: str, B: int) -> dict:
     """args.warmup untimed steps, then args.steps timed ones; the summary of the timed ones."""
     t0 = time.perf_counter()
     for _ in range(args.warmup):
@@ -106,7 +138,7 @@ def timed_run(name, runner, args, mc, setup: str) -> dict:
     for _ in range(args.steps):
         losses.append(runner.step())
     seconds = time.perf_counter() - t0
-    tokens = args.steps * args.grad_accum * args.batch_size * args.seq_len
+    tokens = args.steps * args.grad_accum * B * args.seq_len
     out = summarize(name, tokens, seconds, mc, args.seq_len, losses, runner.memory())
     out["ms_per_step"] = 1e3 * seconds / args.steps
     return out
@@ -126,7 +158,7 @@ class LlmcRunner:
     """GPUModel + GPUAdamW (bf16) with device batches made up front; `step()` is one optimizer step."""
 
     def __init__(self, mc, B, T, grad_accum=1, recompute=0, attention="auto", seed=1337,
-                 classifier_chunks=1):
+                 classifier_chunks=1, graphs=True):
         import cupy
         from llmc.model.gpu_model import GPUModel
         from llmc.training.gpu_optim import GPUAdamW
@@ -136,7 +168,7 @@ class LlmcRunner:
         self.free_before = cupy.cuda.runtime.memGetInfo()[0]
         self.min_free = self.free_before
         self.model = GPUModel(mc, B, T, dtype="bf16", recompute=recompute, attention=attention,
-                              classifier_chunks=classifier_chunks)
+                              classifier_chunks=classifier_chunks, graphs=graphs)
         self.model.load_params(init_params(mc, seed))
         self.opt = GPUAdamW(self.model, weight_decay=0.1, grad_clip=1.0, seed=seed)
         self.accum = grad_accum
@@ -171,13 +203,16 @@ class LlmcRunner:
         self.cupy.get_default_memory_pool().free_all_blocks()
 
 
-def run_llmc(args, mc):
-    r = LlmcRunner(mc, args.batch_size, args.seq_len, args.grad_accum, args.recompute,
-                   args.attention, args.seed, args.classifier_chunks)
-    out = timed_run("llmc", r, args, mc,
-                    f"attention {r.model.attention}, recompute {args.recompute}, classifier "
-                    f"chunks {args.classifier_chunks}")
-    out["attention"] = r.model.attention
+def run_llmc(args, mc, B, recompute, graphs):
+    r = LlmcRunner(mc, B, args.seq_len, args.grad_accum, recompute, args.attention, args.seed,
+                   args.classifier_chunks, graphs=graphs and not args.profile)
+    name = f"llmc B={B}" + (" rc" if recompute else "") + ("" if r.model.graphs else " eager")
+    out = timed_run(name, r, args, mc,
+                    f"attention {r.model.attention}, recompute {recompute}, classifier chunks "
+                    f"{args.classifier_chunks}, graphs {r.model.graphs}", B)
+    if r.model.graph_failure:
+        print(f"{name}: graph capture failed: {r.model.graph_failure}", file=sys.stderr)
+    out.update(B=B, recompute=recompute, graphs=r.model.graphs, attention=r.model.attention)
     if args.profile:
         out["profile"] = profile_step(r)
     r.close()
@@ -229,7 +264,7 @@ def profile_step(runner) -> dict:
 class TorchRunner:
     """The PyTorch peer: compiled TorchGPT2, bf16 autocast, fp32 weights, fused AdamW."""
 
-    def __init__(self, args, mc):
+    def __init__(self, args, mc, B):
         import torch
         from tests.torch_gpt2 import TorchGPT2, make_optimizer
         self.torch, self.accum = torch, args.grad_accum
@@ -251,7 +286,7 @@ class TorchRunner:
         self.opt = make_optimizer(self.model, lr=6e-4, weight_decay=0.1, betas=(0.9, 0.95),
                                   eps=1e-8, fused=True)
         self.data = [(torch.from_numpy(x).cuda().long(), torch.from_numpy(y).cuda().long())
-                     for x, y in random_batches(mc, args.batch_size, args.seq_len,
+                     for x, y in random_batches(mc, B, args.seq_len,
                                                 2 * args.grad_accum, args.seed)]
         self.steps = 0
 
@@ -280,10 +315,11 @@ class TorchRunner:
         self.torch.cuda.empty_cache()
 
 
-def run_torch(args, mc):
-    r = TorchRunner(args, mc)
-    out = timed_run("torch" + (" compile" if args.torch_compile else " eager"), r, args, mc,
-                    f"compile {args.torch_compile}, sdpa {args.torch_sdpa}")
+def run_torch(args, mc, B):
+    r = TorchRunner(args, mc, B)
+    out = timed_run(f"torch B={B}" + (" compile" if args.torch_compile else " eager"), r, args,
+                    mc, f"compile {args.torch_compile}, sdpa {args.torch_sdpa}", B)
+    out["B"] = B
     r.close()
     return out
 
@@ -297,30 +333,48 @@ def device_name() -> str:
 
 
 def report(results: dict) -> str:
-    lines = [f"device: {results['device']}  model {results['model']}  B={results['B']} "
-             f"T={results['T']} grad_accum={results['grad_accum']} steps={results['steps']}",
-             f"{'':16s} {'tokens/s':>10s} {'ms/step':>9s} {'MFU':>6s} {'memory GB':>10s} "
+    lines = [f"device: {results['device']}  model {results['model']}  T={results['T']} "
+             f"grad_accum={results['grad_accum']} steps={results['steps']}",
+             f"{'':24s} {'tokens/s':>10s} {'ms/step':>9s} {'MFU':>6s} {'memory GB':>10s} "
              f"{'loss first->last':>18s}"]
-    for key in ("llmc", "torch"):
-        r = results.get(key)
-        if r is None:
-            continue
-        lines.append(f"{r['name']:16s} {r['tokens_per_s']:10,.0f} {r['ms_per_step']:9.1f} "
+    for r in results["llmc"] + results["torch"]:
+        lines.append(f"{r['name']:24s} {r['tokens_per_s']:10,.0f} {r['ms_per_step']:9.1f} "
                      f"{100 * r['mfu']:5.1f}% {r['mem_device_bytes'] / 1e9:10.2f} "
                      f"{r['first_loss']:8.4f}->{r['last_loss']:.4f}")
-    if "ratio" in results:
-        q = results["ratio"]
-        lines.append(f"llmc/torch: tokens/s x{q['tokens_per_s']:.3f}, memory x{q['memory']:.3f}")
-    llmc = results["llmc"]
-    lines.append(f"llmc pool {llmc['mem_pool_bytes'] / 1e9:.2f} GB, activations "
-                 f"{llmc['mem_activations_bytes'] / 1e9:.2f} GB")
-    if "profile" in llmc:
-        p = llmc["profile"]
-        lines.append(f"llmc profile of one step ({p['total_ms']:.1f} ms with events):")
+    for q in results["ratios"]:
+        lines.append(q["text"])
+    for r in results["llmc"]:
+        if "profile" not in r:
+            continue
+        p = r["profile"]
+        lines.append(f"{r['name']} profile of one step ({p['total_ms']:.1f} ms with events):")
         for family, ms in sorted(p["ms"].items(), key=lambda kv: -kv[1]):
             lines.append(f"  {family:11s} {ms:8.2f} ms {100 * ms / p['total_ms']:5.1f}%  "
                          f"{p['calls'][family]:4d} calls")
     return "\n".join(lines)
+
+
+def ratios(results: dict) -> list:
+    """llmc (graphs) against the peer at the same B, and graphs against eager (the gap)."""
+    out = []
+    torch_at = {r["B"]: r for r in results["torch"]}
+    eager = {(r["B"], r["recompute"]): r for r in results["llmc"] if not r["graphs"]}
+    for r in results["llmc"]:
+        t = torch_at.get(r["B"])
+        if t is not None and r["graphs"] == results["graphs"]:
+            q = r["tokens_per_s"] / t["tokens_per_s"]
+            out.append({"llmc": r["name"], "torch": t["name"], "tokens_per_s": q,
+                        "memory": r["mem_device_bytes"] / t["mem_device_bytes"],
+                        "text": f"{r['name']} / {t['name']}: tokens/s x{q:.3f}, memory "
+                                f"x{r['mem_device_bytes'] / t['mem_device_bytes']:.3f}"})
+        e = eager.get((r["B"], r["recompute"]))
+        if r["graphs"] and e is not None:
+            gap = e["ms_per_step"] - r["ms_per_step"]
+            out.append({"llmc": r["name"], "eager": e["name"], "gap_ms": gap,
+                        "text": f"{r['name']}: graphs {r['ms_per_step']:.2f} ms/step vs eager "
+                                f"{e['ms_per_step']:.2f}: {gap:.2f} ms of idle GPU per step "
+                                f"removed (x{e['ms_per_step'] / r['ms_per_step']:.3f})"})
+    return out
 
 
 def main(argv=None) -> int:
@@ -330,18 +384,25 @@ def main(argv=None) -> int:
     if args.seq_len > mc.block_size:
         print(f"--seq-len {args.seq_len} exceeds the model's {mc.block_size}", file=sys.stderr)
         return 2
-    results = {"device": device_name(), "model": args.model, "B": args.batch_size,
-               "T": args.seq_len, "grad_accum": args.grad_accum, "steps": args.steps,
-               "recompute": args.recompute, "classifier_chunks": args.classifier_chunks,
-               "flops_per_token": flops_per_token(mc, args.seq_len)}
-    results["llmc"] = run_llmc(args, mc)
+    results = {"device": device_name(), "model": args.model, "T": args.seq_len,
+               "grad_accum": args.grad_accum, "steps": args.steps,
+               "classifier_chunks": args.classifier_chunks, "graphs": args.graphs,
+               "flops_per_token": flops_per_token(mc, args.seq_len), "llmc": [], "torch": []}
+    for B in args.batch_size:
+        for recompute in args.recompute:
+            modes = [args.graphs] + ([False] if args.compare_eager and args.graphs else [])
+            for graphs in modes:
+                results["llmc"].append(run_llmc(args, mc, B, recompute, graphs))
     if args.torch:
-        results["torch"] = run_torch(args, mc)
-        t, l = results["torch"], results["llmc"]
-        results["ratio"] = {"tokens_per_s": l["tokens_per_s"] / t["tokens_per_s"],
-                            "memory": l["mem_device_bytes"] / t["mem_device_bytes"]}
-    for r in (results["llmc"], results.get("torch")):
-        if r is not None and not (math.isfinite(r["first_loss"]) and math.isfinite(r["last_loss"])):
+        for B in args.torch_batch_size:
+            try:
+                results["torch"].append(run_torch(args, mc, B))
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory at a large B: report, go on
+                print(f"torch B={B}: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                      file=sys.stderr)
+    results["ratios"] = ratios(results)
+    for r in results["llmc"] + results["torch"]:
+        if not (math.isfinite(r["first_loss"]) and math.isfinite(r["last_loss"])):
             print(f"{r['name']}: non-finite loss", file=sys.stderr)
             return 1
     print(report(results))

@@ -81,3 +81,16 @@ extern "C" __global__ void fused_classifier(floatX* logits, float* __restrict__ 
         store128(x + c * P, out);
     }
 }
+
+// Mean of the per-row losses, one block: mean[0] = sum_n losses[n] / N  (f32 `=`).
+// Each thread sums a fixed strided set of rows, then a fixed-order block tree: the same bits run
+// to run, and no temporary buffer (CuPy's own mean reduces through CUB, which allocates scratch
+// memory: a captured training step must not allocate).
+extern "C" __global__ void mean_loss(float* __restrict__ mean, const float* __restrict__ losses,
+                                     int N) {
+    __shared__ float scratch[32];
+    float s = 0.0f;
+    for (int n = threadIdx.x; n < N; n += blockDim.x) s += losses[n];
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) mean[0] = s / (float)N;
+}

@@ -142,6 +142,9 @@ class TrainConfig:
         choices=(0, 1), help="ZeRO stage: 1 shards the optimizer state over ranks [default: 1 when world size > 1]"))
     attention: str = field(default="auto", metadata=dict(
         choices=("auto", "flash", "matmul"), help="attention kernel on cuda: flash (bf16 tensor cores) or matmul (cuBLAS + softmax, any dtype)"))
+    graphs: bool = field(default=True, metadata=dict(
+        help="on cuda, replay each micro-step as a CUDA graph (no launch waits on Python); "
+             "--no-graphs launches every kernel from Python"))
     log_every: int = field(default=1, metadata=dict(help="print a step line every N steps"))
     overwrite: bool = field(default=False, metadata=dict(
         help="start fresh in an --out-dir that holds another run, deleting its checkpoints, "
@@ -269,9 +272,10 @@ def build_parser(prog: str = "python -m llmc.train") -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         tp = _arg_type(f.type)
         text = f.metadata.get("help", "")
-        if tp is bool:  # a switch: --overwrite
-            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action="store_true",
-                                help=text)
+        if tp is bool:  # a switch: --overwrite; one on by default also gets --no-X
+            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action=action,
+                                default=f.default, help=text)
             continue
         if f.default is not None and "[default" not in text:  # one default per flag, one format
             text += f" [default: {f.default}]"

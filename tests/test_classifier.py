@@ -152,3 +152,22 @@ def test_validation():
         fused_classifier(cupy.zeros((4, 8), f32), cupy.empty(3, f32), targets, 8, 1.0)
     with pytest.raises(ValueError, match="logits"):
         fused_classifier(cupy.zeros((4, 8), np.float16), losses, targets, 8, 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [1, 17, 1024, 1025, 65536])
+def test_mean_loss(N):
+    """The one-block mean of the losses: the float64 mean within fp32 summation rounding, the
+    same bits on every call, written into a 0-d or a (1,) output."""
+    import cupy
+    from llmc.ops.classifier import mean_loss
+    rng = np.random.default_rng(N)
+    losses = (10 + rng.standard_normal(N)).astype(np.float32)
+    d = device(losses)
+    for shape in ((), (1,)):
+        out = cupy.full(shape, np.nan, dtype=np.float32)
+        first = float(mean_loss(out, d))
+        assert first == pytest.approx(losses.astype(np.float64).mean(), rel=1e-6)
+        assert float(mean_loss(out, d)) == first
+    with pytest.raises(ValueError, match="mean"):
+        mean_loss(cupy.zeros(2, dtype=np.float32), d)

@@ -9,6 +9,10 @@
   gradients and logits as one chunk (fp32, within rounding: the dwte sum is split).
 - Gradient accumulation: 2 micro-steps of B/2 with loss_scale 1/2 == 1 step of B (fp32, within
   summation-order rounding).
+- CUDA graphs (graphs=True): 20 optimizer steps of 2 micro-steps each give bitwise the losses,
+  gradient norms and weights of eager launches (both dtypes, recompute on and off, flash and
+  matmul attention); replays allocate nothing; the graph reads each call's batch (not the one
+  it was captured with); a capture that cannot work falls back to eager with a warning.
 - on_layer_grads is called with L-1 .. 0, then -1, each after that layer's gradients are final.
 - Training sanity: 100 steps of d12 on the bundled tiny-shakespeare (B=8, T=1024), llmc bf16
   against the PyTorch GPT-2 (bf16 autocast, fp32 weights, same AdamW and schedule) from the
@@ -44,11 +48,11 @@ def batches(n, b=B, t=T, seed=0):
             for _ in range(n)]
 
 
-def make(dtype="bf16", attention="auto", recompute=0, b=B, seed=0, chunks=1):
+def make(dtype="bf16", attention="auto", recompute=0, b=B, seed=0, chunks=1, graphs=False):
     from llmc.model.gpu_model import GPUModel
     from llmc.training.gpu_optim import GPUAdamW
     model = GPUModel(SMALL, b, T, dtype=dtype, attention=attention, recompute=recompute,
-                     classifier_chunks=chunks)
+                     classifier_chunks=chunks, graphs=graphs)
     model.load_params(init_params(SMALL, seed))
     return model, GPUAdamW(model, weight_decay=0.1, grad_clip=1.0, seed=seed)
 
@@ -81,6 +85,77 @@ def test_deterministic(method):
     assert np.array_equal(n1.view(np.uint32), n2.view(np.uint32)), "gradient norms differ"
     assert np.array_equal(p1, p2), "final weights differ"
     assert l1[-1] < l1[0], "no learning"
+
+
+def train_accum(graphs, dtype, method, recompute, steps=20, accum=2):
+    """steps optimizer steps of `accum` micro-steps (loss_scale 1/accum), batches from a list
+    of device arrays the model does not own (so each call copies into its staging buffers)."""
+    model, opt = make(dtype, method, recompute, graphs=graphs)
+    data = batches(5)
+    losses, norms = [], []
+    for step in range(steps):
+        model.zero_grad()
+        total = 0.0
+        for micro in range(accum):
+            x, y = data[(step * accum + micro) % len(data)]
+            total += float(model.forward_backward(x, y, 1.0 / accum))
+        losses.append(total / accum)
+        norms.append(float(opt.step(1e-3, step)))
+    return np.array(losses, np.float32), np.array(norms, np.float32), bits(model.params), model
+
+
+@pytest.mark.parametrize("dtype,method,recompute", [("bf16", "flash", 0), ("bf16", "flash", 1),
+                                                    ("bf16", "matmul", 0), ("fp32", "auto", 0)])
+def test_graph_replay_is_bitwise_eager(dtype, method, recompute):
+    if method not in methods() + ["auto"]:
+        pytest.skip("flash attention is not built in this checkout")
+    le, ne, pe, _ = train_accum(False, dtype, method, recompute)
+    lg, ng, pg, model = train_accum(True, dtype, method, recompute)
+    assert model.graphs and model.graph_failure is None, model.graph_failure
+    assert len(model._graphs) == 1, "one loss_scale, one graph"
+    assert np.array_equal(le.view(np.uint32), lg.view(np.uint32)), f"losses differ: {le} vs {lg}"
+    assert np.array_equal(ne.view(np.uint32), ng.view(np.uint32)), "gradient norms differ"
+    assert np.array_equal(pe, pg), "final weights differ"
+    assert lg[-1] < lg[0], "no learning"
+
+
+def test_graph_replay_allocates_nothing_and_reads_each_batch():
+    import cupy
+    pool = cupy.get_default_memory_pool()
+    model, _ = make("bf16", graphs=True)
+    data = batches(3)
+    losses = {}
+    for call in range(8):  # call 0 eager, 1 captures, 2.. replay
+        x, y = data[call % 3]
+        loss = float(model.forward_backward(x, y, 1.0))
+        losses.setdefault(call % 3, []).append(loss)
+        cupy.cuda.get_current_stream().synchronize()
+        if call == 2:
+            used = pool.used_bytes()
+    assert pool.used_bytes() == used, "graph replays allocate"
+    assert model.graph_failure is None and len(model._graphs) == 1
+    for k, seen in losses.items():  # forward_backward of the same batch: the same loss
+        assert len(set(seen)) == 1, f"batch {k}: losses {seen}"
+    assert len({v[0] for v in losses.values()}) == 3, "every batch gave the same loss"
+
+
+def test_graph_capture_failure_falls_back_to_eager(monkeypatch):
+    """An op that allocates inside the step is refused by the capture: a warning, then eager."""
+    import cupy
+    from llmc.ops import classifier
+    x, y = batches(1)[0]
+    ref, _ = make("bf16")
+    want = float(ref.forward_backward(x, y, 1.0))
+    model, _ = make("bf16", graphs=True)
+    model.forward_backward(x, y, 1.0)  # eager
+    monkeypatch.setattr(classifier, "mean_loss",  # CuPy's mean allocates its result (and CUB scratch)
+                        lambda mean, losses: mean.__setitem__(Ellipsis, cupy.mean(losses)))
+    with pytest.warns(RuntimeWarning, match="allocation"):
+        loss = float(model.forward_backward(x, y, 1.0))
+    monkeypatch.undo()
+    assert not model.graphs and "allocation" in model.graph_failure
+    assert loss == pytest.approx(want, rel=1e-6)
+    assert float(model.forward_backward(x, y, 1.0)) == want
 
 
 @pytest.mark.parametrize("dtype,method,recompute,chunks",

@@ -36,6 +36,16 @@ Design:
 - attention: "auto" | "flash" | "matmul", resolved by llmc.ops.attention.resolve_method.
 - Ops are called through their modules (`matmul.matmul_forward`), so a profiler may wrap them
   (bench/e2e.py --profile).
+- graphs=True: `forward_backward` without `on_layer_grads` replays a CUDA graph of the whole
+  micro-step (input copy into the staging buffers aside): the first call per loss_scale runs
+  eagerly (NVRTC modules, cuBLASLt plans, shared-memory limits), the second captures the
+  launches on a side stream and replays them, every later one only replays, so no launch waits
+  on Python. The graph reads the staging buffers `acts.inputs` / `acts.targets`, into which each
+  call copies its batch first. Nothing may allocate inside a step (it would be captured at one
+  address and handed back to the pool): CuPy's allocator raises while capturing, and any
+  failure to capture falls back to eager launches for good, with a warning naming the cause.
+  Replays are bitwise the eager step (tests/test_gpu_train.py). Under data parallelism the
+  last micro-step (which starts the gradient reductions from `on_layer_grads`) stays eager.
 
 Shapes: B batch, T time, C channels, NH heads, L layers, N = B*T, V / Vp (padded) vocabulary.
 Tests: pytest -m gpu tests/test_gpu_model.py tests/test_gpu_train.py
@@ -60,7 +70,7 @@ class GPUModel:
     """GPT-2 forward/backward on the current CUDA device; see the module docstring."""
 
     def __init__(self, mc: ModelConfig, B: int, T: int, dtype: str = "bf16", recompute: int = 0,
-                 attention: str = "auto", classifier_chunks: int = 1):
+                 attention: str = "auto", classifier_chunks: int = 1, graphs: bool = False):
         import cupy
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
@@ -92,6 +102,11 @@ class GPUModel:
         self._dresidual3 = a.dresidual.reshape(B, T, mc.n_embd)
         self._loss = cupy.zeros((), dtype=np.float32)       # forward_backward's mean loss
         self._eval_loss = cupy.zeros((), dtype=np.float32)  # forward's mean loss
+        self.graphs = bool(graphs)
+        self.graph_failure = None    # why capture failed (graphs are then off), or None
+        self._graphs = {}            # loss_scale -> cupy.cuda.Graph of one micro-step
+        self._eager_done = set()     # loss_scales whose first micro-step ran eagerly
+        self._capture_stream = None
 
     # -----------------------------------------------------------------------------------------
     # parameters
@@ -123,12 +138,74 @@ class GPUModel:
         a = self.acts
         inp = self._tokens("inputs", inputs, a.inputs)
         tgt = self._tokens("targets", targets, a.targets)
+        if not self.graphs or on_layer_grads is not None:
+            self._micro_step(inp, tgt, float(loss_scale), on_layer_grads)
+            return self._loss
+        if inp is not a.inputs:
+            cupy.copyto(a.inputs, inp)
+        if tgt is not a.targets:
+            cupy.copyto(a.targets, tgt)
+        self._replay(float(loss_scale))
+        return self._loss
+
+    def _micro_step(self, inp, tgt, loss_scale: float, on_layer_grads) -> None:
+        import cupy
+        a = self.acts
         self._forward(inp)
         a.dresidual.data.memset_async(0, a.dresidual.nbytes)  # the LayerNorm backwards add into it
-        self._head(tgt.reshape(-1), float(loss_scale) / a.N, backward=True)
-        cupy.mean(a.losses, out=self._loss)
+        self._head(tgt.reshape(-1), loss_scale / a.N, backward=True)
+        classifier.mean_loss(self._loss, a.losses)
         self._backward(inp, on_layer_grads)
-        return self._loss
+
+    def _replay(self, loss_scale: float) -> None:
+        """One micro-step on the staging buffers: eager the first time per loss_scale, then
+        captured once and replayed (see the module docstring)."""
+        import cupy
+        a = self.acts
+        if loss_scale not in self._eager_done:
+            self._micro_step(a.inputs, a.targets, loss_scale, None)
+            self._eager_done.add(loss_scale)
+            return
+        graph = self._graphs.get(loss_scale)
+        if graph is None:
+            try:
+                graph = self._capture(lambda: self._micro_step(a.inputs, a.targets, loss_scale,
+                                                               None))
+            except Exception as e:  # noqa: BLE001 - any capture failure: eager from now on
+                import warnings
+                self.graphs, self.graph_failure = False, f"{type(e).__name__}: {e}"
+                warnings.warn(f"CUDA graph capture of the training step failed ({self.graph_failure}); "
+                              "running eager launches instead", RuntimeWarning, stacklevel=3)
+                self._micro_step(a.inputs, a.targets, loss_scale, None)
+                return
+            self._graphs[loss_scale] = graph
+        graph.launch(cupy.cuda.get_current_stream())
+
+    def _capture(self, body):
+        """A cupy.cuda.Graph of body()'s launches, captured on a side stream ordered after
+        the current stream's queued work; allocating inside body() raises."""
+        import cupy
+        if self._capture_stream is None:
+            self._capture_stream = cupy.cuda.Stream(non_blocking=True)
+        stream, current = self._capture_stream, cupy.cuda.get_current_stream()
+        ready = cupy.cuda.Event(disable_timing=True)
+        ready.record(current)
+        stream.wait_event(ready)
+        allocator = cupy.cuda.get_allocator()
+
+        def refuse(nbytes):
+            raise RuntimeError(f"an allocation of {nbytes} bytes inside the captured step")
+        with stream:
+            cupy.cuda.set_allocator(refuse)
+            try:
+                stream.begin_capture()
+                try:
+                    body()
+                finally:
+                    graph = stream.end_capture()
+            finally:
+                cupy.cuda.set_allocator(allocator)
+        return graph
 
     def forward(self, inputs, targets=None):
         """Mean loss (0-d cupy f32, not synced) without touching `.grads`; None without targets."""
@@ -140,7 +217,7 @@ class GPUModel:
         if tgt is None:
             return None
         self._head(tgt.reshape(-1), 1.0, backward=False)
-        cupy.mean(a.losses, out=self._eval_loss)
+        classifier.mean_loss(self._eval_loss, a.losses)
         return self._eval_loss
 
     def token_losses(self, inputs, targets) -> np.ndarray:

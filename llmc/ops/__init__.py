@@ -152,7 +152,8 @@ from llmc.ops.adamw import (adamw_update, decay_table, global_norm,  # noqa: E40
 from llmc.ops.attention import (attention_backward, attention_buffers,  # noqa: E402
                                 attention_forward, attention_grad, attention_scratch,
                                 resolve_method)
-from llmc.ops.classifier import cross_entropy, cross_entropy_grad, fused_classifier  # noqa: E402
+from llmc.ops.classifier import (cross_entropy, cross_entropy_grad, fused_classifier,  # noqa: E402
+                                 mean_loss)
 from llmc.ops.encoder import (encoder_backward, encoder_backward_scratch_size,  # noqa: E402
                               encoder_forward, encoder_grad)
 from llmc.ops.flash_attention import (flash_attention_backward,  # noqa: E402
@@ -195,5 +196,5 @@ OUT_FORMS = ("encoder_forward", "encoder_backward", "layernorm_forward",
              "matmul_forward", "matmul_backward", "bias_backward", "gelu_forward",
              "gelu_backward", "attention_forward", "attention_backward",
              "flash_attention_forward", "flash_attention_backward", "fused_classifier",
-             "global_norm_squared", "adamw_update", "matvec_forward", "matvec_layernorm_forward",
+             "mean_loss", "global_norm_squared", "adamw_update", "matvec_forward", "matvec_layernorm_forward",
              "decode_embed", "gather_rows", "kv_append", "decode_attention", "sample_tokens")

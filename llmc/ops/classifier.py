@@ -1,6 +1,7 @@
 """Fused classifier launcher (kernels/classifier.cu): softmax cross-entropy, loss and dlogits.
 
     fused_classifier(logits (N, Vp) floatX in/out, losses f32 (N,) =, targets int32 (N,), V, dloss)
+    mean_loss(mean (1,) or () f32 =, losses (N,) f32)        the mean loss, one fixed-order block
     cross_entropy(logits, targets, V) -> losses                 logits untouched
     cross_entropy_grad(logits, targets, V, dloss=1/N) -> losses, dlogits   logits untouched
 
@@ -46,6 +47,23 @@ def fused_classifier(logits, losses, targets, V: int, dloss: float, write_dlogit
     kernel((N,), (BLOCK,), (logits, losses, targets, np.float32(dloss), np.int32(V),
                             np.int32(Vp), np.int32(1 if write_dlogits else 0)))
     return losses
+
+
+MEAN_BLOCK = 1024
+
+
+def mean_loss(mean, losses):
+    """mean (0-d or (1,) f32) = the mean of losses (N,) f32; one block, fixed order, no scratch."""
+    check("losses", losses, (None,), F32)
+    if mean.dtype != F32 or mean.size != 1:
+        raise ValueError(f"mean: expected one float32 value (shape () or (1,)), got "
+                         f"{mean.dtype} {tuple(mean.shape)}")
+    N = losses.shape[0]
+    if N == 0:
+        raise ValueError("losses: expected at least one loss, got shape (0,)")
+    kernel = kernels.function("classifier", "mean_loss", "fp32")
+    kernel((1,), (MEAN_BLOCK,), (mean, losses, np.int32(N)))
+    return mean
 
 
 def classifier_bytes(N: int, V: int, Vp: int, itemsize: int, write_dlogits: bool = True) -> int:

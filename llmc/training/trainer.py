@@ -113,7 +113,7 @@ class GPUBackend:
         self.world_size, self.rank = dist.world_size, dist.rank
         self.model = GPUModel(mc, cfg.batch_size, cfg.seq_len, dtype=cfg.dtype,
                               recompute=cfg.recompute, attention=cfg.attention,
-                              classifier_chunks=cfg.classifier_chunks)
+                              classifier_chunks=cfg.classifier_chunks, graphs=cfg.graphs)
         self.dp = DataParallel(dist, self.model, zero=cfg.zero, beta1=cfg.beta1, beta2=cfg.beta2,
                                eps=cfg.eps, weight_decay=cfg.weight_decay,
                                grad_clip=cfg.grad_clip, seed=cfg.seed)
@@ -138,9 +138,10 @@ class GPUBackend:
         self._loss.fill(0)
         for micro in range(accum):
             x, y = pf.next_batch()
-            last = micro == accum - 1
-            loss = self.model.forward_backward(x, y, 1.0 / accum,
-                                               on_layer_grads=self.dp.hook if last else None)
+            # only data parallelism needs the hook (the last micro-step starts the reductions);
+            # without it the micro-step can replay as a CUDA graph
+            hook = self.dp.hook if micro == accum - 1 and self.world_size > 1 else None
+            loss = self.model.forward_backward(x, y, 1.0 / accum, on_layer_grads=hook)
             cp.add(self._loss, loss, out=self._loss)
         self.dp.finish()
         if skip is None:
