@@ -46,6 +46,9 @@ Design:
   failure to capture falls back to eager launches for good, with a warning naming the cause.
   Replays are bitwise the eager step (tests/test_gpu_train.py). Under data parallelism the
   last micro-step (which starts the gradient reductions from `on_layer_grads`) stays eager.
+  The matmul attention method (fp32, or bf16 when chosen) calls CuPy's cuBLAS, which refuses
+  stream capture: it runs eager. Measured on an H200 at d12: 0.57 ms of idle GPU removed from
+  a 31.9 ms step at B=16 (513K -> 522K tokens/s), 0.61 ms at B=64.
 
 Shapes: B batch, T time, C channels, NH heads, L layers, N = B*T, V / Vp (padded) vocabulary.
 Tests: pytest -m gpu tests/test_gpu_model.py tests/test_gpu_train.py
