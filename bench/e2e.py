@@ -73,6 +73,8 @@ def parse_args(argv=None):
     ap.add_argument("--recompute", type=int_list, default=[0], help="comma list of 0/1")
     ap.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
                     help="llmc: replay each micro-step as a CUDA graph")
+    ap.add_argument("--gelu-epilogue", action="store_true",
+                    help="llmc, recompute 0: the fc product writes the GELU too (GELU_AUX_BIAS)")
     ap.add_argument("--compare-eager", action="store_true",
                     help="llmc: also run each configuration with eager launches (the gap)")
     ap.add_argument("--classifier-chunks", type=int, default=1,
@@ -158,7 +160,7 @@ class LlmcRunner:
     """GPUModel + GPUAdamW (bf16) with device batches made up front; `step()` is one optimizer step."""
 
     def __init__(self, mc, B, T, grad_accum=1, recompute=0, attention="auto", seed=1337,
-                 classifier_chunks=1, graphs=True):
+                 classifier_chunks=1, graphs=True, gelu_epilogue=False):
         import cupy
         from llmc.model.gpu_model import GPUModel
         from llmc.training.gpu_optim import GPUAdamW
@@ -168,7 +170,8 @@ class LlmcRunner:
         self.free_before = cupy.cuda.runtime.memGetInfo()[0]
         self.min_free = self.free_before
         self.model = GPUModel(mc, B, T, dtype="bf16", recompute=recompute, attention=attention,
-                              classifier_chunks=classifier_chunks, graphs=graphs)
+                              classifier_chunks=classifier_chunks, graphs=graphs,
+                              gelu_epilogue=gelu_epilogue)
         self.model.load_params(init_params(mc, seed))
         self.opt = GPUAdamW(self.model, weight_decay=0.1, grad_clip=1.0, seed=seed)
         self.accum = grad_accum
@@ -205,8 +208,10 @@ class LlmcRunner:
 
 def run_llmc(args, mc, B, recompute, graphs):
     r = LlmcRunner(mc, B, args.seq_len, args.grad_accum, recompute, args.attention, args.seed,
-                   args.classifier_chunks, graphs=graphs and not args.profile)
-    name = f"llmc B={B}" + (" rc" if recompute else "") + ("" if r.model.graphs else " eager")
+                   args.classifier_chunks, graphs=graphs and not args.profile,
+                   gelu_epilogue=args.gelu_epilogue and not recompute)
+    name = (f"llmc B={B}" + (" rc" if recompute else "") + (" ge" if r.model.gelu_epilogue else "")
+            + ("" if r.model.graphs else " eager"))
     out = timed_run(name, r, args, mc,
                     f"attention {r.model.attention}, recompute {recompute}, classifier chunks "
                     f"{args.classifier_chunks}, graphs {r.model.graphs}", B)

@@ -7,6 +7,7 @@
 - recompute=1 (GELU recomputed in the backward) gives bitwise the same loss and gradients.
 - classifier_chunks=3 (the LM head over 3 uneven chunks of rows) gives the same losses,
   gradients and logits as one chunk (fp32, within rounding: the dwte sum is split).
+- gelu_epilogue=True (GELU in the fc product's epilogue) matches our gelu kernel within rounding.
 - Gradient accumulation: 2 micro-steps of B/2 with loss_scale 1/2 == 1 step of B (fp32, within
   summation-order rounding).
 - CUDA graphs (graphs=True): 20 optimizer steps of 2 micro-steps each give bitwise the losses,
@@ -49,11 +50,12 @@ def batches(n, b=B, t=T, seed=0):
             for _ in range(n)]
 
 
-def make(dtype="bf16", attention="auto", recompute=0, b=B, seed=0, chunks=1, graphs=False):
+def make(dtype="bf16", attention="auto", recompute=0, b=B, seed=0, chunks=1, graphs=False,
+         gelu_epilogue=False):
     from llmc.model.gpu_model import GPUModel
     from llmc.training.gpu_optim import GPUAdamW
     model = GPUModel(SMALL, b, T, dtype=dtype, attention=attention, recompute=recompute,
-                     classifier_chunks=chunks, graphs=graphs)
+                     classifier_chunks=chunks, graphs=graphs, gelu_epilogue=gelu_epilogue)
     model.load_params(init_params(SMALL, seed))
     return model, GPUAdamW(model, weight_decay=0.1, grad_clip=1.0, seed=seed)
 
@@ -203,6 +205,26 @@ def test_recompute_is_bitwise(dtype):
         out.append((bits(loss.reshape(1)), bits(model.grads)))
     assert np.array_equal(out[0][0], out[1][0]), "loss differs with recompute=1"
     assert np.array_equal(out[0][1], out[1][1]), "gradients differ with recompute=1"
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_gelu_epilogue_matches_gelu_kernel(dtype):
+    """gelu_epilogue=True (the fc product writes fch and its GELU): the same loss and gradients
+    as our gelu kernel within the storage dtype's rounding; refused with recompute=1."""
+    from llmc.model.gpu_model import GPUModel, to_host
+    from tests.tolerances import rel_err
+    x, y = batches(1)[0]
+    out = []
+    for fused in (False, True):
+        model, _ = make(dtype, gelu_epilogue=fused)
+        model.zero_grad()
+        out.append((float(model.forward_backward(x, y, 1.0)), to_host(model.grads).astype(np.float64)))
+    (l0, g0), (l1, g1) = out
+    tol = 1e-5 if dtype == "fp32" else 2e-2
+    assert l1 == pytest.approx(l0, rel=tol / 10)
+    assert rel_err(g1, g0) <= tol, f"gradients differ: {rel_err(g1, g0):.2e}"
+    with pytest.raises(ValueError, match="recompute"):
+        GPUModel(SMALL, B, T, recompute=1, gelu_epilogue=True)
 
 
 def test_classifier_chunks_match_one_chunk():

@@ -311,6 +311,26 @@ def test_forward_gelu_epilogue(shape, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(2048, 768, 3072), (37, 40, 96)], ids=["fc", "N37C40OC96"])
+def test_forward_gelu_aux_epilogue(shape, dtype):
+    """gelu=True with pre_gelu (training's fused fc): pre_gelu = x @ w.T + b and out = its GELU."""
+    from llmc.ops.matmul import matmul_forward
+    N, C, OC = shape
+    rng = np.random.default_rng(N + C + OC + 2)
+    x, x64 = randn(rng, (N, C), dtype)
+    w, w64 = randn(rng, (OC, C), dtype, C ** -0.5)
+    b, b64 = randn(rng, (OC,), dtype)
+    out, pre = poisoned((N, OC), dtype), poisoned((N, OC), dtype)
+    matmul_forward(out, device(x), device(w), device(b), gelu=True, pre_gelu=pre)
+    want_pre = reference.matmul_forward(x64, w64, b64)
+    assert_close(host(pre), want_pre, dtype, "pre_gelu")
+    assert_close(host(out), reference.gelu_forward(want_pre), dtype, "gelu(out)")
+    with pytest.raises(ValueError, match="pre_gelu"):
+        matmul_forward(out, device(x), device(w), device(b), pre_gelu=pre)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("gelu", [False, True], ids=["plain", "gelu"])
 @pytest.mark.parametrize("shape", [(1, 768, 2304), (8, 3072, 768), (3, 768, 3072), (5, 40, 97)],
                          ids=["qkv_B1", "fcproj_B8", "fc_B3", "M5C40OC97"])

@@ -6,6 +6,7 @@
         "default"  nothing more
         "bias"     c += bias[None, :]                 bias (N,), c's dtype
         "gelu_bias" c = gelu(product + bias[None, :])  tanh GELU of the fp32 accumulator
+        "gelu_aux_bias" the same, and aux = product + bias (the GELU's input, c's dtype), beta = 0
         "dgelu"    c = product * gelu'(aux)           aux (M, N) like c, beta = 0
 
 op(x) is x, or x.T when trans_x is set. All of a, b, c (and aux, bias) are bf16
@@ -53,7 +54,8 @@ DESC_TRANSA, DESC_TRANSB, DESC_EPILOGUE, DESC_BIAS_POINTER = 3, 4, 7, 8
 DESC_EPILOGUE_AUX_POINTER, DESC_EPILOGUE_AUX_LD = 11, 12
 PREF_MAX_WORKSPACE_BYTES = 1
 PREF_MIN_ALIGNMENT = {"a": 5, "b": 6, "c": 7, "d": 8}  # cuBLASLt's A, B, C, D
-EPILOGUES = {"default": 1, "bias": 4, "gelu_bias": 32 | 4, "dgelu": 64 | 128}
+EPILOGUES = {"default": 1, "bias": 4, "gelu_bias": 32 | 4, "gelu_aux_bias": 32 | 128 | 4,
+             "dgelu": 64 | 128}
 _CUDA_TYPES = {F32: CUDA_R_32F, BF16: CUDA_R_16BF}
 
 
@@ -278,7 +280,7 @@ def matmul(c, a, b, *, trans_a: bool = False, trans_b: bool = False, beta: float
 
     ptrs = {}
     ldaux = None
-    if epilogue in ("bias", "gelu_bias"):
+    if epilogue in ("bias", "gelu_bias", "gelu_aux_bias"):
         if not isinstance(bias, cupy.ndarray) or bias.shape != (N,):
             raise ValueError(f"bias: epilogue {epilogue!r} needs a ({N},) cupy.ndarray, got "
                              f"{getattr(bias, 'shape', type(bias).__name__)}")
@@ -289,7 +291,7 @@ def matmul(c, a, b, *, trans_a: bool = False, trans_b: bool = False, beta: float
         ptrs["bias"] = bias.data.ptr
     elif bias is not None:
         raise ValueError(f"bias: epilogue {epilogue!r} takes no bias")
-    if epilogue == "dgelu":
+    if epilogue in ("dgelu", "gelu_aux_bias"):
         _check_matrix("aux", aux, c.dtype, dev)
         if aux.shape != c.shape:
             raise ValueError(f"aux: expected shape {c.shape} (that of c), got {aux.shape}")

@@ -22,9 +22,10 @@ Design:
   cuBLASLt's with the bias added in their epilogue (llmc/cuda/cublaslt.py).
 - The GELU backward is fused into the fcproj backward's dinp product (cuBLASLt's DGELU
   epilogue reads fch): dfch is written once, no separate gelu_backward pass. The forward keeps
-  our gelu kernel (cuBLASLt's GELU-with-aux epilogue would save ~0.6 ms a d12 step, but its GELU
-  of the fp32 accumulator is not what recompute=1 can rebuild from the stored bf16 fch, so
-  recompute would stop being bitwise).
+  our gelu kernel by default; gelu_epilogue=True (recompute=0 only) has the fc product write
+  both fch and its GELU (cuBLASLt's GELU_AUX_BIAS epilogue), one pass over fch fewer, but its
+  GELU of the fp32 accumulator is not what recompute=1 rebuilds from the stored bf16 fch, so
+  the two settings then differ in the last bits.
 - classifier_chunks=k > 1 runs the LM head over k chunks of rows, each chunk's forward, loss
   and backward (dlnf rows, dwte +=) before the next, so the (N, Vp) logits buffer shrinks to
   (N/k, Vp): at d12, B=64, T=1024 that is 6.6 GB -> 1.65 GB for k=4, the same FLOPs.
@@ -73,7 +74,8 @@ class GPUModel:
     """GPT-2 forward/backward on the current CUDA device; see the module docstring."""
 
     def __init__(self, mc: ModelConfig, B: int, T: int, dtype: str = "bf16", recompute: int = 0,
-                 attention: str = "auto", classifier_chunks: int = 1, graphs: bool = False):
+                 attention: str = "auto", classifier_chunks: int = 1, graphs: bool = False,
+                 gelu_epilogue: bool = False):
         import cupy
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
@@ -106,6 +108,10 @@ class GPUModel:
         self._loss = cupy.zeros((), dtype=np.float32)       # forward_backward's mean loss
         self._eval_loss = cupy.zeros((), dtype=np.float32)  # forward's mean loss
         self.graphs = bool(graphs)
+        if gelu_epilogue and recompute:
+            raise ValueError("gelu_epilogue needs recompute=0: the backward's recomputed GELU "
+                             "(our kernel on the stored fch) would differ from the epilogue's")
+        self.gelu_epilogue = bool(gelu_epilogue)
         self.graph_failure = None    # why capture failed (graphs are then off), or None
         self._graphs = {}            # loss_scale -> cupy.cuda.Graph of one micro-step
         self._eager_done = set()     # loss_scales whose first micro-step ran eagerly
@@ -304,8 +310,12 @@ class GPUModel:
             layernorm.fused_residual_layernorm_forward(
                 a.residual2[l], a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], residual, a.btc,
                 w["ln2w"], w["ln2b"])
-            matmul.matmul_forward(a.fch[l], a.ln2[l], w["fcw"], w["fcb"])
-            gelu.gelu_forward(a.fch_gelu[l], a.fch[l])
+            if self.gelu_epilogue:
+                matmul.matmul_forward(a.fch_gelu[l], a.ln2[l], w["fcw"], w["fcb"], gelu=True,
+                                      pre_gelu=a.fch[l])
+            else:
+                matmul.matmul_forward(a.fch[l], a.ln2[l], w["fcw"], w["fcb"])
+                gelu.gelu_forward(a.fch_gelu[l], a.fch[l])
             matmul.matmul_forward(a.btc, a.fch_gelu[l], w["fcprojw"], w["fcprojb"])
             if l + 1 < L:
                 out, mean, rstd = a.ln1[l + 1], a.ln1_mean[l + 1], a.ln1_rstd[l + 1]

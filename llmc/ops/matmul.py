@@ -1,9 +1,12 @@
 """Linear layer launchers: cuBLASLt products with fused epilogues (llmc/cuda/cublaslt.py) plus
 kernels/matmul.cu for the bias gradient.
 
-    matmul_forward(out (N,OC), inp (N,C), weight (OC,C), bias (OC,) | None, *, gelu=False)
+    matmul_forward(out (N,OC), inp (N,C), weight (OC,C), bias (OC,) | None, *, gelu=False,
+                   pre_gelu=None)
         out = inp @ weight.T + bias                      (cuBLASLt's bias epilogue)
         with gelu: out = gelu(inp @ weight.T + bias)     (its GELU_BIAS epilogue; generation)
+        with gelu and pre_gelu (N,OC): also pre_gelu = inp @ weight.T + bias, the GELU's input
+                                                         (GELU_AUX_BIAS; training's fc layer)
     matvec_forward(out (M,OC), inp (M,C), weight, bias | None, *, gelu=False)    M <= 8 rows
         the same product by our kernel (kernels/matmul.cu): generation's one row per sequence
     matvec_layernorm_forward(out, residual, inp1, inp2, ln_weight, ln_bias, weight, bias, *, gelu)
@@ -50,12 +53,14 @@ def _as_rows(name, x, cols=None):
     return x.reshape(-1, x.shape[-1])
 
 
-def matmul_forward(out, inp, weight, bias=None, *, gelu: bool = False):
+def matmul_forward(out, inp, weight, bias=None, *, gelu: bool = False, pre_gelu=None):
     """out (N,OC) = inp (N,C) @ weight (OC,C).T (+ bias (OC,)); floatX, fp32 accumulation.
 
     gelu=True: out = gelu(inp @ weight.T + bias), the tanh GELU applied to the fp32 accumulator
-    in cuBLASLt's epilogue (text generation; training keeps fch and runs our gelu kernel, so
-    that recompute=1 rebuilds the same bits). Needs the bias.
+    in cuBLASLt's epilogue. Needs the bias. pre_gelu (out's shape and dtype, gelu=True only):
+    also written, with the GELU's input rounded to floatX (what the backward's DGELU epilogue
+    reads). Then out is the GELU of the unrounded sum, not of pre_gelu: our gelu kernel on
+    pre_gelu (recompute=1) gives slightly different bits.
     """
     dt = dtype_name(weight, "weight")
     check("weight", weight, (None, None), dt)
@@ -69,9 +74,17 @@ def matmul_forward(out, inp, weight, bias=None, *, gelu: bool = False):
                          f"got shape {tuple(out.shape)}")
     if bias is not None:
         check("bias", bias, (OC,), dt)
+    if pre_gelu is not None:
+        if not gelu:
+            raise ValueError("pre_gelu: only with gelu=True (it is the GELU's input)")
+        check_same("pre_gelu", pre_gelu, out, "out")
     if gelu and bias is None:
         raise ValueError("bias: matmul_forward(gelu=True) needs the bias (the epilogue adds it "
                          "before the GELU)")
+    if pre_gelu is not None:
+        cublaslt.matmul(y, x, weight, trans_b=True, epilogue="gelu_aux_bias", bias=bias,
+                        aux=_as_rows("pre_gelu", pre_gelu, OC))
+        return out
     epilogue = "gelu_bias" if gelu else ("default" if bias is None else "bias")
     cublaslt.matmul(y, x, weight, trans_b=True, epilogue=epilogue, bias=bias)
     return out
