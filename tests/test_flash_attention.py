@@ -1,12 +1,15 @@
 """Causal flash attention kernels (llmc/ops/flash_attention.py) against the NumPy reference.
 
-Checks: out, lse and dqkv against
+Every forward check runs for both forward implementations: "sm80" (mma.sync, any device) and
+"sm90" (wgmma, skipped unless the device is compute capability 9.0); the backward runs from
+each forward's out and lse. Checks: out, lse and dqkv against
 llmc.model.reference.attention_forward/attention_backward (and a float64 log-sum-exp) evaluated in
 float64 on the bf16 values the kernels see; shapes with NH=12, HS=64, B=2..8 and T in
 {1, 17, 64, 100, 1024} (T=1, tiles not filled, 36 heads = two full head groups and a partial
-one). Outputs and scratch are poisoned with NaN first. The forward and backward are bitwise
-identical across two runs. On the production shape (B=64, T=1024) the results are compared with
-PyTorch's scaled_dot_product_attention when torch with CUDA is importable. Argument validation.
+one; T=1000 on 12 heads, under one head group). Outputs and scratch are poisoned with NaN first.
+The forward and backward are bitwise identical across two runs. On the production shape (B=64,
+T=1024) the results are compared with PyTorch's scaled_dot_product_attention when torch with
+CUDA is importable. Every sm90 variant agrees with the sm80 forward. Argument validation.
 
 Run: pytest tests/test_flash_attention.py        (the gpu tests skip without a CUDA device)
 """
@@ -22,8 +25,17 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 HS = 64
 NH = 12
 # (B, T): T=1, T below / at / not a multiple of the 64-row tiles, the GPT-2 length
-SHAPES = [(2, 1), (3, 17), (2, 64), (8, 100), (2, 1024)]
+SHAPES = [(2, 1), (3, 17), (2, 64), (8, 100), (1, 1000), (2, 1024)]
+IMPLS = ["sm80", "sm90"]
 REL = 1e-2  # norm-wise relative error allowed for bf16 outputs
+
+
+def need(impl):
+    """Skip an sm90 case on a device that is not compute capability 9.0."""
+    import cupy
+    cc = cupy.cuda.Device().compute_capability
+    if impl.startswith("sm90") and cc != "90":
+        pytest.skip(f"the sm90 (wgmma) forward needs compute capability 9.0, this device is {cc}")
 
 
 def make_inputs(B, T, seed):
@@ -34,8 +46,9 @@ def make_inputs(B, T, seed):
     return qkv, dout
 
 
-def run(qkv_h, dout_h):
-    """Forward and backward on freshly poisoned buffers; returns device (out, lse, dqkv)."""
+def run(qkv_h, dout_h, impl="sm80"):
+    """Forward (by `impl`) and backward on freshly poisoned buffers; returns device (out, lse,
+    dqkv)."""
     import cupy
     from llmc.ops.flash_attention import (flash_attention_backward, flash_attention_forward,
                                           flash_scratch_shapes)
@@ -47,7 +60,7 @@ def run(qkv_h, dout_h):
     dqkv = poison(cupy.empty((B, T, 3 * C), dtype=BF16))
     scratch = {name: poison(cupy.empty(shape, dtype=dt))
                for name, (shape, dt) in flash_scratch_shapes(B, T, C, NH).items()}
-    flash_attention_forward(out, lse, qkv, NH)
+    flash_attention_forward(out, lse, qkv, NH, impl=impl)
     flash_attention_backward(dqkv, dout, qkv, out, lse, NH, scratch)
     cupy.cuda.get_current_stream().synchronize()
     return out, lse, dqkv
@@ -66,11 +79,13 @@ def reference_lse(qkv, T):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B%dT%d" % s)
-def test_against_reference(shape):
+def test_against_reference(shape, impl):
+    need(impl)
     B, T = shape
     qkv_h, dout_h = make_inputs(B, T, seed=B * 1000 + T)
-    out, lse, dqkv = run(qkv_h, dout_h)
+    out, lse, dqkv = run(qkv_h, dout_h, impl)
     qkv, dout = qkv_h.astype(np.float64), dout_h.astype(np.float64)
     out_ref, att = reference.attention_forward(qkv, NH)
     dqkv_ref = reference.attention_backward(dout, qkv, att, NH)
@@ -92,19 +107,23 @@ def test_against_reference(shape):
 
 
 @pytest.mark.gpu
-def test_bitwise_deterministic():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bitwise_deterministic(impl):
     import cupy
+    need(impl)
     qkv_h, dout_h = make_inputs(4, 300, seed=7)
-    first = run(qkv_h, dout_h)
-    second = run(qkv_h, dout_h)
+    first = run(qkv_h, dout_h, impl)
+    second = run(qkv_h, dout_h, impl)
     for name, a, b in zip(("out", "lse", "dqkv"), first, second):
         assert bool(cupy.array_equal(a.view(UINT[a.itemsize]), b.view(UINT[b.itemsize]))), \
             f"{name}: differs between two runs"
 
 
 @pytest.mark.gpu
-def test_against_torch_sdpa():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_against_torch_sdpa(impl):
     """Production shape B=64, T=1024: ours and PyTorch SDPA agree to bf16 accuracy."""
+    need(impl)
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("torch has no CUDA")
@@ -113,7 +132,7 @@ def test_against_torch_sdpa():
     B, T = 64, 1024
     C = NH * HS
     qkv_h, dout_h = make_inputs(B, T, seed=11)
-    out, lse, dqkv = run(qkv_h, dout_h)
+    out, lse, dqkv = run(qkv_h, dout_h, impl)
 
     def as_torch(a):  # a device bf16 array seen by torch (raw bits through DLPack)
         return torch.from_dlpack(a.view(np.uint16)).view(torch.bfloat16)
@@ -137,6 +156,50 @@ def test_against_torch_sdpa():
         mine = ours[..., i * C:(i + 1) * C].reshape(B, T, NH, HS).transpose(1, 2)
         err = rel(mine, heads[i].grad)
         assert err <= REL, f"{name} vs SDPA: norm-wise relative difference {err:.3e} > {REL}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["w2n128", "w1n128", "w2n64"])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1000), (2, 1024)], ids=lambda s: "B%dT%d" % s)
+def test_sm90_variants_match_sm80(variant, shape):
+    """Each wgmma variant's out and lse agree with the mma.sync forward (same math, fp32
+    accumulation in a different order): out to bf16 accuracy, lse to fp32 rounding."""
+    import cupy
+    from llmc.ops.flash_attention import SM90_VARIANTS, flash_attention_forward
+    need("sm90")
+    assert variant in SM90_VARIANTS
+    B, T = shape
+    qkv = device(make_inputs(B, T, seed=T + 5)[0])
+    res = {}
+    for impl in ("sm80", f"sm90:{variant}"):
+        out = poison(cupy.empty((B, T, NH * HS), dtype=BF16))
+        lse = poison(cupy.empty((B, NH, T), dtype=np.float32))
+        flash_attention_forward(out, lse, qkv, NH, impl=impl)
+        res[impl] = host(out), host(lse)
+    (out80, lse80), (out90, lse90) = res.values()
+    assert_close(out90, out80, "bf16", "out vs sm80", rel=REL)
+    assert np.all(np.isfinite(lse90)), "lse: unwritten or non-finite values"
+    assert np.max(np.abs(lse90 - lse80)) <= 1e-3, f"lse vs sm80: {np.max(np.abs(lse90 - lse80))}"
+
+
+@pytest.mark.gpu
+def test_impl_selection(monkeypatch):
+    """None follows $LLMC_FLASH_IMPL, else the device; unknown names and sm90 off Hopper fail."""
+    import cupy
+    from llmc.ops import flash_attention as fa
+    hopper = cupy.cuda.Device().compute_capability == "90"
+    monkeypatch.delenv("LLMC_FLASH_IMPL", raising=False)
+    assert fa.resolve_impl("sm80") == "sm80"
+    assert fa.resolve_impl(None) == (f"sm90:{fa.SM90_DEFAULT}" if hopper else "sm80")
+    monkeypatch.setenv("LLMC_FLASH_IMPL", "sm80")
+    assert fa.resolve_impl(None) == "sm80"
+    with pytest.raises(ValueError, match="impl"):
+        fa.resolve_impl("sm75")
+    with pytest.raises(ValueError, match="impl"):
+        fa.resolve_impl("sm90:w9n9")
+    if not hopper:
+        with pytest.raises(ValueError, match="compute capability 9.0"):
+            fa.resolve_impl("sm90")
 
 
 @pytest.mark.gpu

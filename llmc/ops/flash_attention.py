@@ -1,7 +1,8 @@
-"""Causal flash attention launchers: kernels/flash_attention.cu (forward) and
-kernels/flash_attention_bwd.cu (backward). bf16 only, head size 64, no T x T matrix.
+"""Causal flash attention launchers: kernels/flash_attention.cu (forward),
+kernels/flash_attention_sm90.cu (the forward on Hopper, wgmma) and kernels/flash_attention_bwd.cu
+(backward). bf16 only, head size 64, no T x T matrix.
 
-    flash_attention_forward(out (B,T,C) =, lse (B,NH,T) f32 =, qkv (B,T,3C), n_head)
+    flash_attention_forward(out (B,T,C) =, lse (B,NH,T) f32 =, qkv (B,T,3C), n_head, impl=None)
     flash_attention_backward(dqkv (B,T,3C) =, dout (B,T,C), qkv, out, lse, n_head, scratch)
     flash_scratch_shapes(B, T, C, NH) -> {"D": ((B, NH, T), float32)}
     flash_attention(qkv, n_head) -> out, lse ; flash_attention_grad(dout, qkv, out, lse, n_head)
@@ -17,6 +18,11 @@ Design (the kernels' opening comments have the details):
   D = rowsum(dout * out) into scratch["D"]) then `backward_dkdv` (per key tile, reads D). P is
   rebuilt from lse in both, 7 tile products instead of 5, but no fp32 dq buffer and no atomics.
 - Blocks are ordered by head groups of 16, the longest tiles of each group first.
+- Forward implementation (`impl`): "sm80" (mma.sync, every device) or "sm90" (wgmma, compute
+  capability 9.0 only, compiled for sm_90a); None takes $LLMC_FLASH_IMPL, else "sm90" on a 9.0
+  device and "sm80" elsewhere. "sm90:<variant>" picks one of SM90_VARIANTS (warpgroups per block,
+  keys per tile) while the benchmark decides; both write the same out and lse, so the backward
+  is shared.
 - W = 4 warps per block: the 8-warp variants measured slower on an H100 (forward 0.441 vs 0.419
   ms, backward 1.875 vs 1.487 ms at B=64, NH=12, T=1024) and were removed. Shared memory sizes
   below mirror the kernels' layouts.
@@ -24,6 +30,8 @@ Design (the kernels' opening comments have the details):
 Tests: pytest tests/test_flash_attention.py (GPU); bench: pytest bench/test_bench_attention.py.
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
@@ -36,6 +44,10 @@ TILE = 64  # rows of the streamed K/V (forward, dq) or Q/dO (dk/dv) tiles, as FA
 WARPS = 4  # warps per block in every flash kernel
 _TILE_BYTES = TILE * HEAD_SIZE * 2
 _DEFAULT_SMEM = 48 * 1024  # above this a kernel must opt in to more dynamic shared memory
+
+IMPLS = ("sm80", "sm90")
+SM90_VARIANTS = {"w2n128": (2, 128), "w1n128": (1, 128), "w2n64": (2, 64)}
+SM90_DEFAULT = "w2n128"
 
 _kernels: dict = {}  # (family, name, device) -> RawKernel with its shared-memory limit raised
 
@@ -51,18 +63,49 @@ def _smem_bytes(kind: str, warps: int) -> int:
     raise ValueError(f"kind: unknown kernel kind {kind!r}")
 
 
-def _kernel(family: str, kind: str, warps: int):
+def _smem_bytes_sm90(warpgroups: int, keys: int) -> int:
+    """Q (64 rows a warpgroup), K and V double-buffered, 1 KiB to round up to the swizzle atom."""
+    return warpgroups * 64 * 128 + 4 * keys * 128 + 1024
+
+
+def _function(family: str, name: str, smem: int, all_shared: bool = False):
     import cupy
-    name = "flash_attention_forward" if kind == "forward" else f"flash_attention_backward_{kind}"
     key = (family, name, cupy.cuda.Device().id)
     k = _kernels.get(key)
     if k is None:
         k = kernels.function(family, name, "bf16")
-        smem = _smem_bytes(kind, warps)
         if smem > _DEFAULT_SMEM:
             k.max_dynamic_shared_size_bytes = smem
+        if all_shared:  # the sm90 forward: its blocks per SM are counted in shared memory, and
+            k.preferred_shared_memory_carveout = 100  # its loads bypass L1
         _kernels[key] = k
     return k
+
+
+def _kernel(family: str, kind: str, warps: int):
+    name = "flash_attention_forward" if kind == "forward" else f"flash_attention_backward_{kind}"
+    return _function(family, name, _smem_bytes(kind, warps))
+
+
+def resolve_impl(impl=None) -> str:
+    """The forward implementation to run: "sm80", or "sm90:<variant>" (see the module docstring)."""
+    import cupy
+    if impl is None:
+        impl = os.environ.get("LLMC_FLASH_IMPL") or None
+    cc = cupy.cuda.Device().compute_capability
+    if impl is None:
+        impl = "sm80"  # sm90 becomes the Hopper default once measured correct and faster
+    base, _, variant = str(impl).partition(":")
+    if base not in IMPLS or (base == "sm80" and variant) or \
+            (variant and variant not in SM90_VARIANTS):
+        raise ValueError(f"impl: expected one of {IMPLS} or 'sm90:<variant>' with a variant of "
+                         f"{sorted(SM90_VARIANTS)}, got {impl!r}")
+    if base == "sm80":
+        return "sm80"
+    if cc != "90":
+        raise ValueError(f"impl: {impl!r} needs a device of compute capability 9.0 (sm_90a "
+                         f"wgmma), this one is {cc[:-1]}.{cc[-1:]}; use 'sm80'")
+    return f"sm90:{variant or SM90_DEFAULT}"
 
 
 def _check_qkv(qkv, n_head: int):
@@ -88,16 +131,27 @@ def flash_scratch_shapes(B: int, T: int, C: int, NH: int) -> dict:
     return {"D": ((B, NH, T), F32)}
 
 
-def flash_attention_forward(out, lse, qkv, n_head: int):
+def flash_attention_forward(out, lse, qkv, n_head: int, impl=None):
     """out (B, T, C) bf16 = causal softmax(q k^T / 8) v per head; lse (B, NH, T) f32 = log of
-    each row's softmax normalizer (natural log), kept for the backward."""
+    each row's softmax normalizer (natural log), kept for the backward. impl: see resolve_impl."""
     B, T, C, NH = _check_qkv(qkv, n_head)
     check("out", out, (B, T, C), BF16)
     check_aligned("out", out)
     check("lse", lse, (B, NH, T), F32)
-    w = WARPS
+    impl = resolve_impl(impl)
     if B * T == 0:
         return out
+    if impl != "sm80":
+        variant = impl.partition(":")[2]
+        wgs, keys = SM90_VARIANTS[variant]
+        smem = _smem_bytes_sm90(wgs, keys)
+        grid = B * NH * ceil_div(T, 64 * wgs)
+        k = _function("flash_attention_sm90", f"flash_attention_forward_sm90_{variant}", smem,
+                      all_shared=True)
+        k((grid,), (128 * wgs,), (out, lse, qkv, np.int32(B), np.int32(T), np.int32(NH)),
+          shared_mem=smem)
+        return out
+    w = WARPS
     grid = B * NH * ceil_div(T, 16 * w)
     _kernel("flash_attention", "forward", w)(
         (grid,), (32 * w,), (out, lse, qkv, np.int32(B), np.int32(T), np.int32(NH)),
@@ -138,15 +192,15 @@ def flash_attention_backward(dqkv, dout, qkv, out, lse, n_head: int, scratch):
 # functional forms: allocate their outputs and scratch
 
 
-def flash_attention(qkv, n_head: int):
+def flash_attention(qkv, n_head: int, impl=None):
     """Causal flash attention; returns (out, lse) as new arrays.
 
     qkv: (B, T, 3C) bf16 with head size C / n_head = 64. out: (B, T, C) bf16; lse: (B, NH, T) f32,
-    the softmax normalizers flash_attention_grad needs (with qkv and out).
+    the softmax normalizers flash_attention_grad needs (with qkv and out). impl: see resolve_impl.
     """
     B, T, C, NH = _check_qkv(qkv, n_head)
     out, lse = empty((B, T, C), BF16), empty((B, NH, T), F32)
-    flash_attention_forward(out, lse, qkv, NH)
+    flash_attention_forward(out, lse, qkv, NH, impl=impl)
     return out, lse
 
 

@@ -1,0 +1,306 @@
+// Causal flash attention, forward, for Hopper (sm_90a): the same math, inputs and outputs as
+// flash_attention.cu (which stays the sm_80/sm_89 path), with the products on wgmma.
+//
+//   out[b, t, h*64 + d] = sum_{u <= t} softmax_u(q_t . k_u / 8) v_u[d]
+//   lse[b, h, t]        = log sum_{u <= t} exp(q_t . k_u / 8)        (natural log, fp32)
+// qkv (B, T, 3C) bf16; out (B, T, C) bf16 `=`; lse (B, NH, T) f32 `=`, read by the backward
+// (flash_attention_bwd.cu) exactly as the sm_80 forward's.
+//
+// One block: NWG warpgroups (128 threads each) of 64 query rows, BR = 64 * NWG rows of one head.
+// Q sits in shared memory for the whole block; K and V stream through two shared buffers of BC
+// keys (cp.async by every thread, the next tile loading while this one is multiplied). Per tile
+// and warpgroup: S (64 x BC, fp32 registers) = Q K^T by 4 wgmma m64nBCk16 with both operands
+// in shared memory; masking and the online softmax on S in registers, as in the
+// sm_80 kernel; P packed to bf16 in registers; O (64 x 64) += P V by BC/16 wgmma m64n64k16 with
+// A = P from registers and B = V from shared memory. Warpgroups skip tiles whose keys all follow
+// their rows, mask the tiles that cross their diagonal; keys past T are zero-filled and always
+// masked. Fixed order everywhere: bitwise deterministic.
+//
+// Layouts relied on (PTX ISA, "Asynchronous Warpgroup Level Matrix" sections):
+// - A shared tile of 64-element bf16 rows (128 bytes) is stored with 16-byte chunk c of row r at
+//   chunk c ^ (r % 8) (fa_offset): with the tile 1024-byte aligned this is exactly the 128-byte
+//   swizzle (address bits 4-6 ^= bits 7-9), whose atom is 8 rows x 128 bytes.
+// - Descriptor (64 bits): [0,14) start address >> 4, [16,30) leading byte offset >> 4, [32,46)
+//   stride byte offset >> 4, [49,52) base offset (0: atoms start on 1024-byte boundaries),
+//   [62,64) swizzle mode, 1 = 128-byte.
+// - K-major operand (Q as A, K as B of S = Q K^T: 64 head elements contiguous per row): SBO =
+//   1024 (8-row group to the next), LBO unused for swizzled K-major (encoded 1); the k16 slice
+//   kk starts at tile + 32 * kk (the hardware applies the swizzle to the final address).
+// - MN-major operand (V as B of O = P V, imm-trans-b = 1: the 64 N elements contiguous per key):
+//   canonical ((8,8,m),(8,k)) : ((1,8,LBO),(64,SBO)) in elements, so SBO = 1024 steps 8 keys;
+//   LBO steps 64 N elements, unused at N = 64 (set to 1024 as well). Slice kk at tile + 2048 kk.
+// - Accumulator D of m64nNk16, thread i of the warpgroup, w = i / 32, g = (i % 32) / 4,
+//   t = i % 4: d[n][0..1] = D[16w + g][8n + 2t .. +1], d[n][2..3] = D[16w + g + 8][8n + 2t ..]:
+//   per warp the m16n8 C fragments of mma.sync side by side (flash_attention.cuh).
+// - A from registers (bf16, k16): per warp the mma.sync m16n8k16 A fragment of rows 16w..16w+15,
+//   so as in the sm_80 kernel, the accumulators of 8-column groups 2kk and 2kk+1, packed to bf16,
+//   are the A registers of k-slice kk: P never leaves registers.
+// - wgmma reads shared memory through the async proxy: the cp.async (generic proxy) data is
+//   made visible to it by fence.proxy.async after the copies complete and before the barrier.
+//
+// Backward on sm_90a (not written yet; flash_attention_bwd.cu serves every device): the same
+// two kernels, with each 16-row warp strip product replaced by a warpgroup wgmma. dq kernel (per
+// 64-query warpgroup): S = Q K^T (SS), P = exp(S/8 - lse), dP = dO V^T (SS, V K-major), dS =
+// P (dP - D), dq += dS K (RS: dS from registers, K as an MN-major B). dk/dv kernel (per 64 keys):
+// S^T = K Q^T, dP^T = V dO^T (SS), dv += P^T dO and dk += dS^T Q (RS, dO and Q MN-major B).
+#include "common.cuh"
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#include "flash_attention.cuh"
+
+// ---- PTX wrappers (sm_90a) ----
+// Descriptors: the high word (SBO, swizzle) is fixed; the low word carries the start address.
+__device__ __forceinline__ unsigned long long fa9_desc(unsigned addr, unsigned lbo) {
+    const unsigned lo = ((addr & 0x3FFFFu) >> 4) | ((lbo >> 4) << 16);
+    const unsigned hi = (1024u >> 4) | (1u << 30);  // SBO 1024; bit 62 = 128-byte swizzle
+    return (static_cast<unsigned long long>(hi) << 32) | lo;
+}
+__device__ __forceinline__ unsigned long long fa9_desc_k(unsigned addr) {  // K-major
+    return fa9_desc(addr, 16);
+}
+__device__ __forceinline__ unsigned long long fa9_desc_mn(unsigned addr) {  // MN-major
+    return fa9_desc(addr, 1024);
+}
+__device__ __forceinline__ void fa9_fence() {
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void fa9_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void fa9_wait_all() {
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+// Completed cp.async writes (generic proxy) made visible to later wgmma reads (async proxy).
+__device__ __forceinline__ void fa9_fence_proxy_async() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// Pins accumulator registers in program order around the asynchronous products: the compiler
+// may not move their reads above a wait, or their writes below a wgmma.fence.
+template <int N>
+__device__ __forceinline__ void fa9_pin(float (&d)[N][4]) {
+#pragma unroll
+    for (int n = 0; n < N; n++)
+        asm volatile("" : "+f"(d[n][0]), "+f"(d[n][1]), "+f"(d[n][2]), "+f"(d[n][3]) :: "memory");
+}
+
+#define FA9_F4(d, n) "+f"(d[n][0]), "+f"(d[n][1]), "+f"(d[n][2]), "+f"(d[n][3])
+#define FA9_F32(d) FA9_F4(d, 0), FA9_F4(d, 1), FA9_F4(d, 2), FA9_F4(d, 3), \
+    FA9_F4(d, 4), FA9_F4(d, 5), FA9_F4(d, 6), FA9_F4(d, 7)
+#define FA9_F32_HI(d) FA9_F4(d, 8), FA9_F4(d, 9), FA9_F4(d, 10), FA9_F4(d, 11), \
+    FA9_F4(d, 12), FA9_F4(d, 13), FA9_F4(d, 14), FA9_F4(d, 15)
+#define FA9_D32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define FA9_D64 FA9_D32 ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, " \
+    "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, " \
+    "%61, %62, %63"
+
+// d (64 x 64) = (accumulate ? d : 0) + A (64 x 16, K-major smem) * B (16 x 64, K-major smem)
+__device__ __forceinline__ void fa9_ss_n64(float (&d)[8][4], unsigned long long a,
+                                           unsigned long long b, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " FA9_D32 "}, "
+                 "%32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : FA9_F32(d) : "l"(a), "l"(b), "r"(accumulate));
+}
+// d (64 x 128) = (accumulate ? d : 0) + A (64 x 16, K-major smem) * B (16 x 128, K-major smem)
+__device__ __forceinline__ void fa9_ss_n128(float (&d)[16][4], unsigned long long a,
+                                            unsigned long long b, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " FA9_D64 "}, "
+                 "%64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : FA9_F32(d), FA9_F32_HI(d) : "l"(a), "l"(b), "r"(accumulate));
+}
+// d (64 x 64) += A (64 x 16, bf16 fragments a) * B (16 x 64, MN-major smem)
+__device__ __forceinline__ void fa9_rs_n64_mn(float (&d)[8][4], const unsigned (&a)[4],
+                                              unsigned long long b) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " FA9_D32 "}, "
+                 "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+                 : FA9_F32(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+}
+// ---- end of PTX wrappers ----
+
+// S (64 x BC) = Q K^T for this warpgroup: q and k are the shared addresses of its 64 Q rows and
+// of the BC-key K tile. Waits for the result.
+template <int BC>
+__device__ __forceinline__ void fa9_scores(float (&s)[BC / 8][4], unsigned q, unsigned k) {
+    fa9_pin(s);
+    fa9_fence();
+#pragma unroll
+    for (int kk = 0; kk < FA_HS / 16; kk++) {
+        if constexpr (BC == 128)
+            fa9_ss_n128(s, fa9_desc_k(q + 32 * kk), fa9_desc_k(k + 32 * kk), kk);
+        else
+            fa9_ss_n64(s, fa9_desc_k(q + 32 * kk), fa9_desc_k(k + 32 * kk), kk);
+    }
+    fa9_commit();
+    fa9_wait_all();
+    fa9_pin(s);
+}
+
+// O (64 x 64) += P V: p holds P (64 x BC) as bf16 A fragments, v is the BC-key V tile.
+template <int BC>
+__device__ __forceinline__ void fa9_pv(float (&o)[8][4], const unsigned (&p)[BC / 16][4],
+                                       unsigned v) {
+    fa9_pin(o);
+    fa9_fence();
+#pragma unroll
+    for (int kk = 0; kk < BC / 16; kk++) fa9_rs_n64_mn(o, p[kk], fa9_desc_mn(v + 2048 * kk));
+    fa9_commit();
+    fa9_wait_all();
+    fa9_pin(o);
+}
+
+template <int NWG, int BC>
+__device__ __forceinline__ void fa9_forward(bf16* __restrict__ out, float* __restrict__ lse,
+                                            const bf16* __restrict__ qkv, int B, int T, int NH) {
+    static_assert(BC == 64 || BC == 128, "key tiles of 64 or 128");
+    constexpr int BR = 64 * NWG, NT = 128 * NWG, NS = BC / 8;
+    constexpr unsigned KV_BYTES = (BC / FA_TILE) * FA_TILE_BYTES;  // BC rows of 128 bytes
+    const int C = NH * FA_HS;
+    const int n_qt = (T + BR - 1) / BR;
+    const int2 job = fa_schedule(B * NH, n_qt);
+    const int bh = job.x, b = bh / NH, h = bh % NH;
+    const int q0 = (n_qt - 1 - job.y) * BR;  // rank 0 = the last rows, which see the most keys
+    const int q_end = min(q0 + BR, T);
+    const int n_kt = (q_end + BC - 1) / BC;  // key tiles holding keys < q_end
+
+    const long long stride = 3 * C;
+    const bf16* q_src = qkv + (long long)b * T * stride + h * FA_HS;
+    const bf16* k_src = q_src + C;
+    const bf16* v_src = q_src + 2 * C;
+
+    // shared: Q (BR rows; reused to stage the output), K[2], V[2] (BC rows each), all on
+    // 1024-byte boundaries (the swizzle atom); the launcher adds 1024 bytes for the round-up.
+    const unsigned raw = fa_smem_u32(fa_smem);
+    const unsigned sQ = (raw + 1023u) & ~1023u;
+    unsigned char* q_tile = fa_smem + (sQ - raw);
+    const unsigned sK = sQ + BR * 128, sV = sK + 2 * KV_BYTES;
+
+    fa_load_tile<BR, NT>(sQ, q_src + q0 * stride, stride, q_end - q0);
+    fa_load_tile<BC, NT>(sK, k_src, stride, T);
+    fa_load_tile<BC, NT>(sV, v_src, stride, T);
+    fa_cp_async_commit();
+
+    const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    const int g = lane >> 2, t = lane & 3;
+    const int wrow0 = q0 + 64 * wg;       // this warpgroup's rows: wrow0 .. wrow0 + 63
+    const int row0 = wrow0 + 16 * warp;  // this warp's: row0 + g and row0 + g + 8
+    const bool active = wrow0 < T;
+    const unsigned sQw = sQ + wg * 64 * 128;
+    float o[8][4];
+#pragma unroll
+    for (int n = 0; n < 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
+
+    for (int j = 0; j < n_kt; j++) {
+        fa_cp_async_wait_all();
+        fa9_fence_proxy_async();
+        __syncthreads();  // tile j visible to all; every warpgroup is done with tile j - 1
+        if (j + 1 < n_kt) {
+            const int k1 = (j + 1) * BC;
+            const unsigned off = ((j + 1) & 1) * KV_BYTES;
+            fa_load_tile<BC, NT>(sK + off, k_src + k1 * stride, stride, T - k1);
+            fa_load_tile<BC, NT>(sV + off, v_src + k1 * stride, stride, T - k1);
+            fa_cp_async_commit();
+        }
+        const int k0 = j * BC;
+        // Uniform over the warpgroup (wgmma needs all 128 threads). Tile 0 is never skipped,
+        // so every row has a finite max after it (key 0 <= row).
+        if (!active || k0 > wrow0 + 63) continue;
+
+        float s[NS][4];
+        fa9_scores<BC>(s, sQw, sK + (j & 1) * KV_BYTES);
+        if (k0 + BC - 1 > row0) {  // the tile crosses this warp's diagonal
+#pragma unroll
+            for (int n = 0; n < NS; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    if (k0 + 8 * n + 2 * t + (e & 1) > row0 + g + 8 * (e >> 1)) s[n][e] = NEG_INF;
+        }
+#pragma unroll
+        for (int hh = 0; hh < 2; hh++) {
+            float mx = m[hh];
+#pragma unroll
+            for (int n = 0; n < NS; n++) mx = fmaxf(mx, fmaxf(s[n][2 * hh], s[n][2 * hh + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float mc = mx * FA_SCALE_LOG2;
+            const float corr = fa_exp2(m[hh] * FA_SCALE_LOG2 - mc);  // 0 on the first tile
+            m[hh] = mx;
+            float sum = 0.0f;
+#pragma unroll
+            for (int n = 0; n < NS; n++) {
+#pragma unroll
+                for (int e = 2 * hh; e < 2 * hh + 2; e++) {
+                    s[n][e] = fa_exp2(fmaf(s[n][e], FA_SCALE_LOG2, -mc));
+                    sum += s[n][e];
+                }
+            }
+#pragma unroll
+            for (int n = 0; n < 8; n++) {
+                o[n][2 * hh] *= corr;
+                o[n][2 * hh + 1] *= corr;
+            }
+            l[hh] = l[hh] * corr + sum;
+        }
+        unsigned p[BC / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; kk++) {
+            p[kk][0] = fa_pack(s[2 * kk][0], s[2 * kk][1]);
+            p[kk][1] = fa_pack(s[2 * kk][2], s[2 * kk][3]);
+            p[kk][2] = fa_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            p[kk][3] = fa_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        }
+        fa9_pv<BC>(o, p, sV + (j & 1) * KV_BYTES);
+    }
+
+    // Epilogue: O / l staged as bf16 in this warp's own rows of the Q tile (only its warpgroup
+    // read them, and its products have completed), written out once every warp has staged.
+    float inv[2];
+#pragma unroll
+    for (int hh = 0; hh < 2; hh++) {
+        l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 1);
+        l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 2);
+        inv[hh] = l[hh] > 0.0f ? 1.0f / l[hh] : 0.0f;  // 0 only in warpgroups past T
+        const int row = row0 + g + 8 * hh;
+        if (active && t == 0 && row < T)
+            lse[(long long)bh * T + row] = (m[hh] * FA_SCALE_LOG2 + __log2f(l[hh])) / FA_LOG2E;
+    }
+#pragma unroll
+    for (int n = 0; n < 8; n++) {
+        o[n][0] *= inv[0]; o[n][1] *= inv[0];
+        o[n][2] *= inv[1]; o[n][3] *= inv[1];
+    }
+    fa_stage(q_tile, o, 1.0f, 64 * wg + 16 * warp, lane);
+    __syncthreads();
+    fa_store_tile<BR, NT>(out + ((long long)b * T + q0) * C + h * FA_HS, C, q_end - q0, q_tile);
+}
+
+// The entry points exist for every arch (one source), but only sm_90a has a body.
+#define FA9_FORWARD(NWG, BC) fa9_forward<NWG, BC>(out, lse, qkv, B, T, NH)
+#else
+typedef __nv_bfloat16 bf16;
+#define FA9_FORWARD(NWG, BC) __trap()  // never launched off sm_90a (the launcher checks)
+#endif
+
+// Variants while the benchmark decides: (warpgroups per block, keys per tile), the second
+// bound the blocks per SM the registers must allow. Shared memory per block: 8 KiB per
+// warpgroup (Q) + 4 * 128 * BC (K and V, two buffers) + 1 KiB (alignment slack).
+extern "C" __global__ void __launch_bounds__(256, 2)
+flash_attention_forward_sm90_w2n128(bf16* __restrict__ out, float* __restrict__ lse,
+                                    const bf16* __restrict__ qkv, int B, int T, int NH) {
+    FA9_FORWARD(2, 128);
+}
+
+extern "C" __global__ void __launch_bounds__(128, 3)
+flash_attention_forward_sm90_w1n128(bf16* __restrict__ out, float* __restrict__ lse,
+                                    const bf16* __restrict__ qkv, int B, int T, int NH) {
+    FA9_FORWARD(1, 128);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+flash_attention_forward_sm90_w2n64(bf16* __restrict__ out, float* __restrict__ lse,
+                                   const bf16* __restrict__ qkv, int B, int T, int NH) {
+    FA9_FORWARD(2, 64);
+}
