@@ -287,12 +287,6 @@ typedef __nv_bfloat16 bf16;
 // Variants while the benchmark decides: (warpgroups per block, keys per tile), the second
 // bound the blocks per SM the registers must allow. Shared memory per block: 8 KiB per
 // warpgroup (Q) + 4 * 128 * BC (K and V, two buffers) + 1 KiB (alignment slack).
-extern "C" __global__ void __launch_bounds__(256, 2)
-flash_attention_forward_sm90_w2n128(bf16* __restrict__ out, float* __restrict__ lse,
-                                    const bf16* __restrict__ qkv, int B, int T, int NH) {
-    FA9_FORWARD(2, 128);
-}
-
 extern "C" __global__ void __launch_bounds__(128, 3)
 flash_attention_forward_sm90_w1n128(bf16* __restrict__ out, float* __restrict__ lse,
                                     const bf16* __restrict__ qkv, int B, int T, int NH) {

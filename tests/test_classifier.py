@@ -166,8 +166,8 @@ def test_mean_loss(N):
     d = device(losses)
     for shape in ((), (1,)):
         out = cupy.full(shape, np.nan, dtype=np.float32)
-        first = float(mean_loss(out, d))
+        first = float(mean_loss(out, d).reshape(()))
         assert first == pytest.approx(losses.astype(np.float64).mean(), rel=1e-6)
-        assert float(mean_loss(out, d)) == first
+        assert float(mean_loss(out, d).reshape(())) == first
     with pytest.raises(ValueError, match="mean"):
         mean_loss(cupy.zeros(2, dtype=np.float32), d)

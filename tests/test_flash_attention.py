@@ -159,7 +159,7 @@ def test_against_torch_sdpa(impl):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["w2n128", "w1n128", "w2n64"])
+@pytest.mark.parametrize("variant", ["w1n128", "w2n64"])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 1000), (2, 1024)], ids=lambda s: "B%dT%d" % s)
 def test_sm90_variants_match_sm80(variant, shape):
     """Each wgmma variant's out and lse agree with the mma.sync forward (same math, fp32
