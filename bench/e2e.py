@@ -2,6 +2,7 @@
 
     python bench/e2e.py --model d12 --batch-size 64 --seq-len 1024 --steps 20 [--grad-accum 1]
         [--recompute 1] [--classifier-chunks 1] [--attention auto] [--no-torch]
+        [--fp8 [--fp8-wgrad 1] [--fp8-fast-accum 1]]
         [--torch-compile | --no-torch-compile]
         [--profile] [--json OUT]
 
@@ -14,6 +15,8 @@ it (FLOPs/token = 6N + 6·L·C·T, N with the padded vocabulary) against 989 TFL
 - llmc runs first; its memory is the device memory it took (cudaMemGetInfo before building the
   model vs the lowest free memory seen: pool, cuBLAS workspace, modules), and CuPy's pool bytes
   (`total_bytes`, which never shrinks unless freed). Then everything of llmc is freed.
+- --fp8: llmc runs twice in the same process, bf16 then with the fp8 products
+  (llmc/model/fp8.py), and the report gives fp8/bf16 tokens/s and memory.
 - PyTorch: tests/torch_gpt2.py (SDPA, flash backend only by default), torch.compile, bf16
   autocast, fp32 weights (the master), fused AdamW with llmc's decay groups, clip_grad_norm_;
   memory = torch.cuda.max_memory_allocated (reserved also printed).
@@ -50,6 +53,8 @@ FAMILIES = {  # family -> (module under llmc.ops, launchers wrapped by --profile
     "gelu": ("gelu", ("gelu_forward", "gelu_backward")),
     "classifier": ("classifier", ("fused_classifier",)),
     "adamw": ("adamw", ("global_norm_squared", "adamw_update")),
+    "fp8_matmul": ("fp8", ("fp8_matmul",)),
+    "fp8_cast": ("fp8", ("cast_transpose", "gelu_cast_transpose", "scale_update")),
 }
 
 
@@ -71,6 +76,12 @@ def parse_args(argv=None):
     ap.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--torch-sdpa", default="flash", choices=("flash", "cudnn", "default"),
                     help="SDPA backend of the PyTorch peer")
+    ap.add_argument("--fp8", action="store_true",
+                    help="also run llmc with the fp8 products (after the bf16 run) and compare")
+    ap.add_argument("--fp8-wgrad", type=int, default=1, choices=(0, 1),
+                    help="with --fp8: weight-gradient products in fp8 (1) or bf16 (0)")
+    ap.add_argument("--fp8-fast-accum", type=int, default=1, choices=(0, 1),
+                    help="with --fp8: cuBLASLt fast accumulation in the forward products")
     ap.add_argument("--profile", action="store_true", help="per-family time of one llmc step")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--seed", type=int, default=1337)
@@ -126,7 +137,7 @@ class LlmcRunner:
     """GPUModel + GPUAdamW (bf16) with device batches made up front; `step()` is one optimizer step."""
 
     def __init__(self, mc, B, T, grad_accum=1, recompute=0, attention="auto", seed=1337,
-                 classifier_chunks=1):
+                 classifier_chunks=1, fp8=False, fp8_wgrad=True, fp8_fast_accum=True):
         import cupy
         from llmc.model.gpu_model import GPUModel
         from llmc.training.gpu_optim import GPUAdamW
@@ -136,7 +147,8 @@ class LlmcRunner:
         self.free_before = cupy.cuda.runtime.memGetInfo()[0]
         self.min_free = self.free_before
         self.model = GPUModel(mc, B, T, dtype="bf16", recompute=recompute, attention=attention,
-                              classifier_chunks=classifier_chunks)
+                              classifier_chunks=classifier_chunks, fp8=fp8, fp8_wgrad=fp8_wgrad,
+                              fp8_fast_accum=fp8_fast_accum)
         self.model.load_params(init_params(mc, seed))
         self.opt = GPUAdamW(self.model, weight_decay=0.1, grad_clip=1.0, seed=seed)
         self.accum = grad_accum
@@ -161,9 +173,11 @@ class LlmcRunner:
 
     def memory(self) -> dict:
         pool = self.cupy.get_default_memory_pool()
+        fp8 = self.model.fp8
         return {"mem_device_bytes": int(self.free_before - self.min_free),
                 "mem_pool_bytes": int(pool.total_bytes()),
-                "mem_activations_bytes": int(self.model.acts.nbytes())}
+                "mem_activations_bytes": int(self.model.acts.nbytes()),
+                "mem_fp8_bytes": 0 if fp8 is None else fp8.nbytes()}
 
     def close(self):
         del self.model, self.opt, self.data
@@ -171,13 +185,19 @@ class LlmcRunner:
         self.cupy.get_default_memory_pool().free_all_blocks()
 
 
-def run_llmc(args, mc):
+def run_llmc(args, mc, fp8=False):
     r = LlmcRunner(mc, args.batch_size, args.seq_len, args.grad_accum, args.recompute,
-                   args.attention, args.seed, args.classifier_chunks)
-    out = timed_run("llmc", r, args, mc,
-                    f"attention {r.model.attention}, recompute {args.recompute}, classifier "
-                    f"chunks {args.classifier_chunks}")
+                   args.attention, args.seed, args.classifier_chunks, fp8=fp8,
+                   fp8_wgrad=bool(args.fp8_wgrad), fp8_fast_accum=bool(args.fp8_fast_accum))
+    setup = (f"attention {r.model.attention}, recompute {args.recompute}, classifier "
+             f"chunks {args.classifier_chunks}")
+    if fp8:
+        setup += f", fp8 wgrad {args.fp8_wgrad}, fast accum {args.fp8_fast_accum}"
+    out = timed_run("llmc fp8" if fp8 else "llmc", r, args, mc, setup)
     out["attention"] = r.model.attention
+    if fp8:
+        out["fp8_stats"] = r.model.fp8_stats()
+        out["fp8_dgelu_fused"] = r.model.fp8.dgelu_fused
     if args.profile:
         out["profile"] = profile_step(r)
     r.close()
@@ -301,25 +321,32 @@ def report(results: dict) -> str:
              f"T={results['T']} grad_accum={results['grad_accum']} steps={results['steps']}",
              f"{'':16s} {'tokens/s':>10s} {'ms/step':>9s} {'MFU':>6s} {'memory GB':>10s} "
              f"{'loss first->last':>18s}"]
-    for key in ("llmc", "torch"):
+    for key in ("llmc", "llmc_fp8", "torch"):
         r = results.get(key)
         if r is None:
             continue
         lines.append(f"{r['name']:16s} {r['tokens_per_s']:10,.0f} {r['ms_per_step']:9.1f} "
                      f"{100 * r['mfu']:5.1f}% {r['mem_device_bytes'] / 1e9:10.2f} "
                      f"{r['first_loss']:8.4f}->{r['last_loss']:.4f}")
+    if "fp8_ratio" in results:
+        q, f = results["fp8_ratio"], results["llmc_fp8"]
+        lines.append(f"llmc fp8/bf16: tokens/s x{q['tokens_per_s']:.3f}, memory "
+                     f"x{q['memory']:.3f} (fp8 buffers {f['mem_fp8_bytes'] / 1e9:.2f} GB, DGELU "
+                     f"fused {f['fp8_dgelu_fused']}, scales {f['fp8_stats']})")
     if "ratio" in results:
         q = results["ratio"]
         lines.append(f"llmc/torch: tokens/s x{q['tokens_per_s']:.3f}, memory x{q['memory']:.3f}")
     llmc = results["llmc"]
+    for key in ("llmc", "llmc_fp8"):
+        if "profile" in results.get(key, {}):
+            p = results[key]["profile"]
+            lines.append(f"{results[key]['name']} profile of one step ({p['total_ms']:.1f} ms "
+                         f"with events):")
+            for family, ms in sorted(p["ms"].items(), key=lambda kv: -kv[1]):
+                lines.append(f"  {family:11s} {ms:8.2f} ms {100 * ms / p['total_ms']:5.1f}%  "
+                             f"{p['calls'][family]:4d} calls")
     lines.append(f"llmc pool {llmc['mem_pool_bytes'] / 1e9:.2f} GB, activations "
                  f"{llmc['mem_activations_bytes'] / 1e9:.2f} GB")
-    if "profile" in llmc:
-        p = llmc["profile"]
-        lines.append(f"llmc profile of one step ({p['total_ms']:.1f} ms with events):")
-        for family, ms in sorted(p["ms"].items(), key=lambda kv: -kv[1]):
-            lines.append(f"  {family:11s} {ms:8.2f} ms {100 * ms / p['total_ms']:5.1f}%  "
-                         f"{p['calls'][family]:4d} calls")
     return "\n".join(lines)
 
 
@@ -335,12 +362,17 @@ def main(argv=None) -> int:
                "recompute": args.recompute, "classifier_chunks": args.classifier_chunks,
                "flops_per_token": flops_per_token(mc, args.seq_len)}
     results["llmc"] = run_llmc(args, mc)
+    if args.fp8:
+        results["llmc_fp8"] = run_llmc(args, mc, fp8=True)
+        f, b = results["llmc_fp8"], results["llmc"]
+        results["fp8_ratio"] = {"tokens_per_s": f["tokens_per_s"] / b["tokens_per_s"],
+                                "memory": f["mem_device_bytes"] / b["mem_device_bytes"]}
     if args.torch:
         results["torch"] = run_torch(args, mc)
         t, l = results["torch"], results["llmc"]
         results["ratio"] = {"tokens_per_s": l["tokens_per_s"] / t["tokens_per_s"],
                             "memory": l["mem_device_bytes"] / t["mem_device_bytes"]}
-    for r in (results["llmc"], results.get("torch")):
+    for r in (results["llmc"], results.get("llmc_fp8"), results.get("torch")):
         if r is not None and not (math.isfinite(r["first_loss"]) and math.isfinite(r["last_loss"])):
             print(f"{r['name']}: non-finite loss", file=sys.stderr)
             return 1

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 FAMILIES = ("encoder", "layernorm", "matmul", "attention", "flash_attention", "flash_attention_bwd",
-            "gelu", "classifier", "adamw", "decode", "sampling")
+            "gelu", "classifier", "adamw", "decode", "sampling", "fp8")
 DTYPES = ("bf16", "fp32")
 CHECK_ARCHS = ("sm_80", "sm_90a")
 BASE_OPTIONS = ("-std=c++17",)
