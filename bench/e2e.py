@@ -2,6 +2,7 @@
 
     python bench/e2e.py --model d12 --batch-size 64 --seq-len 1024 --steps 20 [--grad-accum 1]
         [--recompute 1] [--classifier-chunks 1] [--attention auto] [--no-graphs] [--compare-eager]
+        [--fp8 [--fp8-wgrad 1] [--fp8-fast-accum 1]]
         [--no-torch] [--torch-batch-size 16,64] [--torch-compile | --no-torch-compile]
         [--profile] [--json OUT]
     python bench/e2e.py --batch-size 16,24,32,64 --recompute 0,1 --torch-batch-size 16,64
@@ -22,6 +23,8 @@ it (FLOPs/token = 6N + 6·L·C·T, N with the padded vocabulary) against 989 TFL
 - llmc runs first; its memory is the device memory it took (cudaMemGetInfo before building the
   model vs the lowest free memory seen: pool, cuBLAS workspace, modules), and CuPy's pool bytes
   (`total_bytes`, which never shrinks unless freed). Then everything of llmc is freed.
+- --fp8: llmc runs twice in the same process, bf16 then with the fp8 products
+  (llmc/model/fp8.py), and the report gives fp8/bf16 tokens/s and memory.
 - PyTorch: tests/torch_gpt2.py (SDPA, flash backend only by default), torch.compile, bf16
   autocast, fp32 weights (the master), fused AdamW with llmc's decay groups, clip_grad_norm_;
   memory = torch.cuda.max_memory_allocated (reserved also printed).
@@ -58,6 +61,8 @@ FAMILIES = {  # family -> (module under llmc.ops, launchers wrapped by --profile
     "gelu": ("gelu", ("gelu_forward", "gelu_backward")),
     "classifier": ("classifier", ("fused_classifier",)),
     "adamw": ("adamw", ("global_norm_squared", "adamw_update")),
+    "fp8_matmul": ("fp8", ("fp8_matmul",)),
+    "fp8_cast": ("fp8", ("cast_transpose", "gelu_cast_transpose", "scale_update")),
 }
 
 
@@ -87,6 +92,12 @@ def parse_args(argv=None):
     ap.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--torch-sdpa", default="flash", choices=("flash", "cudnn", "default"),
                     help="SDPA backend of the PyTorch peer")
+    ap.add_argument("--fp8", action="store_true",
+                    help="also run llmc with the fp8 products (after the bf16 run) and compare")
+    ap.add_argument("--fp8-wgrad", type=int, default=1, choices=(0, 1),
+                    help="with --fp8: weight-gradient products in fp8 (1) or bf16 (0)")
+    ap.add_argument("--fp8-fast-accum", type=int, default=1, choices=(0, 1),
+                    help="with --fp8: cuBLASLt fast accumulation in the forward products")
     ap.add_argument("--profile", action="store_true", help="per-family time of one llmc step")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--seed", type=int, default=1337)
@@ -160,7 +171,8 @@ class LlmcRunner:
     """GPUModel + GPUAdamW (bf16) with device batches made up front; `step()` is one optimizer step."""
 
     def __init__(self, mc, B, T, grad_accum=1, recompute=0, attention="auto", seed=1337,
-                 classifier_chunks=1, graphs=True, gelu_epilogue=False):
+                 classifier_chunks=1, graphs=True, gelu_epilogue=False, fp8=False, fp8_wgrad=True,
+                 fp8_fast_accum=True):
         import cupy
         from llmc.model.gpu_model import GPUModel
         from llmc.training.gpu_optim import GPUAdamW
@@ -171,7 +183,8 @@ class LlmcRunner:
         self.min_free = self.free_before
         self.model = GPUModel(mc, B, T, dtype="bf16", recompute=recompute, attention=attention,
                               classifier_chunks=classifier_chunks, graphs=graphs,
-                              gelu_epilogue=gelu_epilogue)
+                              gelu_epilogue=gelu_epilogue, fp8=fp8, fp8_wgrad=fp8_wgrad,
+                              fp8_fast_accum=fp8_fast_accum)
         self.model.load_params(init_params(mc, seed))
         self.opt = GPUAdamW(self.model, weight_decay=0.1, grad_clip=1.0, seed=seed)
         self.accum = grad_accum
@@ -196,9 +209,11 @@ class LlmcRunner:
 
     def memory(self) -> dict:
         pool = self.cupy.get_default_memory_pool()
+        fp8 = self.model.fp8
         return {"mem_device_bytes": int(self.free_before - self.min_free),
                 "mem_pool_bytes": int(pool.total_bytes()),
-                "mem_activations_bytes": int(self.model.acts.nbytes())}
+                "mem_activations_bytes": int(self.model.acts.nbytes()),
+                "mem_fp8_bytes": 0 if fp8 is None else fp8.nbytes()}
 
     def close(self):
         del self.model, self.opt, self.data
@@ -206,18 +221,25 @@ class LlmcRunner:
         self.cupy.get_default_memory_pool().free_all_blocks()
 
 
-def run_llmc(args, mc, B, recompute, graphs):
+def run_llmc(args, mc, B, recompute, graphs, fp8=False):
     r = LlmcRunner(mc, B, args.seq_len, args.grad_accum, recompute, args.attention, args.seed,
                    args.classifier_chunks, graphs=graphs and not args.profile,
-                   gelu_epilogue=args.gelu_epilogue and not recompute)
+                   gelu_epilogue=args.gelu_epilogue and not recompute, fp8=fp8,
+                   fp8_wgrad=bool(args.fp8_wgrad), fp8_fast_accum=bool(args.fp8_fast_accum))
     name = (f"llmc B={B}" + (" rc" if recompute else "") + (" ge" if r.model.gelu_epilogue else "")
-            + ("" if r.model.graphs else " eager"))
-    out = timed_run(name, r, args, mc,
-                    f"attention {r.model.attention}, recompute {recompute}, classifier chunks "
-                    f"{args.classifier_chunks}, graphs {r.model.graphs}", B)
+            + (" fp8" if fp8 else "") + ("" if r.model.graphs else " eager"))
+    setup = (f"attention {r.model.attention}, recompute {recompute}, classifier chunks "
+             f"{args.classifier_chunks}, graphs {r.model.graphs}")
+    if fp8:
+        setup += f", fp8 wgrad {args.fp8_wgrad}, fast accum {args.fp8_fast_accum}"
+    out = timed_run(name, r, args, mc, setup, B)
     if r.model.graph_failure:
         print(f"{name}: graph capture failed: {r.model.graph_failure}", file=sys.stderr)
-    out.update(B=B, recompute=recompute, graphs=r.model.graphs, attention=r.model.attention)
+    out.update(B=B, recompute=recompute, graphs=r.model.graphs, attention=r.model.attention,
+               fp8=fp8)
+    if fp8:
+        out["fp8_stats"] = r.model.fp8_stats()
+        out["fp8_dgelu_fused"] = r.model.fp8.dgelu_fused
     if args.profile:
         out["profile"] = profile_step(r)
     r.close()
@@ -363,17 +385,30 @@ def ratios(results: dict) -> list:
     """llmc (graphs) against the peer at the same B, and graphs against eager (the gap)."""
     out = []
     torch_at = {r["B"]: r for r in results["torch"]}
-    eager = {(r["B"], r["recompute"]): r for r in results["llmc"] if not r["graphs"]}
+    eager = {(r["B"], r["recompute"]): r for r in results["llmc"]
+             if not r["graphs"] and not r["fp8"]}
+    bf16 = {(r["B"], r["recompute"]): r for r in results["llmc"]
+            if r["graphs"] == results["graphs"] and not r["fp8"]}
     for r in results["llmc"]:
+        b = bf16.get((r["B"], r["recompute"]))
+        if r["fp8"] and b is not None:
+            q = r["tokens_per_s"] / b["tokens_per_s"]
+            out.append({"llmc": r["name"], "bf16": b["name"], "tokens_per_s": q,
+                        "memory": r["mem_device_bytes"] / b["mem_device_bytes"],
+                        "text": f"{r['name']} / {b['name']}: tokens/s x{q:.3f}, memory "
+                                f"x{r['mem_device_bytes'] / b['mem_device_bytes']:.3f} (fp8 "
+                                f"buffers {r['mem_fp8_bytes'] / 1e9:.2f} GB, DGELU fused "
+                                f"{r['fp8_dgelu_fused']}, scales {r['fp8_stats']})"})
+            continue
         t = torch_at.get(r["B"])
-        if t is not None and r["graphs"] == results["graphs"]:
+        if t is not None and r["graphs"] == results["graphs"] and not r["fp8"]:
             q = r["tokens_per_s"] / t["tokens_per_s"]
             out.append({"llmc": r["name"], "torch": t["name"], "tokens_per_s": q,
                         "memory": r["mem_device_bytes"] / t["mem_device_bytes"],
                         "text": f"{r['name']} / {t['name']}: tokens/s x{q:.3f}, memory "
                                 f"x{r['mem_device_bytes'] / t['mem_device_bytes']:.3f}"})
         e = eager.get((r["B"], r["recompute"]))
-        if r["graphs"] and e is not None:
+        if r["graphs"] and e is not None and not r["fp8"]:
             gap = e["ms_per_step"] - r["ms_per_step"]
             out.append({"llmc": r["name"], "eager": e["name"], "gap_ms": gap,
                         "text": f"{r['name']}: graphs {r['ms_per_step']:.2f} ms/step vs eager "
@@ -398,6 +433,8 @@ def main(argv=None) -> int:
             modes = [args.graphs] + ([False] if args.compare_eager and args.graphs else [])
             for graphs in modes:
                 results["llmc"].append(run_llmc(args, mc, B, recompute, graphs))
+            if args.fp8:
+                results["llmc"].append(run_llmc(args, mc, B, recompute, args.graphs, fp8=True))
     if args.torch:
         for B in args.torch_batch_size:
             try:

@@ -140,6 +140,17 @@ class TrainConfig:
              "[default: one chunk per 16,384 tokens of the micro-batch]"))
     zero: Optional[int] = field(default=None, metadata=dict(
         choices=(0, 1), help="ZeRO stage: 1 shards the optimizer state over ranks [default: 1 when world size > 1]"))
+    fp8: bool = field(default=False, metadata=dict(
+        help="run the linear layers' products (qkv, attention and MLP projections) in fp8 on "
+             "GPUs with fp8 tensor cores (compute capability 8.9+: Ada, Hopper): E4M3 weights "
+             "and activations, E5M2 gradients, per-tensor delayed scaling; needs --dtype bf16; "
+             "checkpoints stay bf16 weights"))
+    fp8_wgrad: int = field(default=1, metadata=dict(
+        choices=(0, 1), help="with --fp8: 1 runs the weight-gradient products in fp8 as well "
+                             "(transposed fp8 copies of inputs and gradients), 0 keeps them bf16"))
+    fp8_fast_accum: int = field(default=1, metadata=dict(
+        choices=(0, 1), help="with --fp8: 1 lets the forward products use cuBLASLt's fast fp8 "
+                             "accumulation (the backward products always promote to fp32)"))
     attention: str = field(default="auto", metadata=dict(
         choices=("auto", "flash", "matmul"), help="attention kernel on cuda: flash (bf16 tensor cores) or matmul (cuBLAS + softmax, any dtype)"))
     graphs: bool = field(default=True, metadata=dict(
@@ -219,6 +230,15 @@ def check(cfg: TrainConfig, world_size: int = 1) -> None:
     if cfg.classifier_chunks < 1 or n_rows % cfg.classifier_chunks != 0:
         raise ConfigError(f"--classifier-chunks {cfg.classifier_chunks} must be >= 1 and divide "
                           f"batch-size*seq-len = {n_rows}")
+    if cfg.fp8 and cfg.device == "cpu":
+        raise ConfigError("--fp8 needs a GPU with fp8 tensor cores (compute capability 8.9+); "
+                          "the CPU path is fp32: drop --fp8 or train with --device cuda")
+    if cfg.fp8 and cfg.dtype != "bf16":
+        raise ConfigError(f"--fp8 runs the products in fp8 beside bf16 weights and activations; "
+                          f"use --dtype bf16 (got --dtype {cfg.dtype})")
+    if cfg.fp8 and (mc.n_embd % 16 or n_rows % 16):
+        raise ConfigError(f"--fp8 needs n_embd ({mc.n_embd}) and batch-size*seq-len ({n_rows}) "
+                          "to be multiples of 16 (cuBLASLt's fp8 rows are 16-byte aligned)")
     if cfg.keep_checkpoints < 1:
         raise ConfigError("--keep-checkpoints must be >= 1")
     if cfg.zero == 1 and world_size == 1:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 FAMILIES = ("encoder", "layernorm", "matmul", "attention", "flash_attention", "flash_attention_bwd",
             "flash_attention_sm90",
-            "gelu", "classifier", "adamw", "decode", "sampling")
+            "gelu", "classifier", "adamw", "decode", "sampling", "fp8")
 DTYPES = ("bf16", "fp32")
 CHECK_ARCHS = ("sm_80", "sm_90a")
 BASE_OPTIONS = ("-std=c++17",)

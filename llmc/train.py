@@ -273,6 +273,11 @@ def _train(cfg, mc, init, device, dist, rank, world, out_dir, log, stop) -> dict
         val = backend.eval_loss(val_loader, val_steps)
         log.metric(step=step, val_loss=val, val_rows=val_rows)
         log.info(f"val loss {val:.6f} ({val_cover})")
+        fp8 = backend.model.fp8_stats() if cfg.fp8 else None
+        if fp8 is not None:  # the scale bookkeeping, watched by bench/fp8_quality.py
+            log.metric(step=step, **{f"fp8_{k}": v for k, v in fp8.items()})
+            log.info(f"fp8 amax max {fp8['amax_max']:.4g}, scales [{fp8['scale_min']:.4g}, "
+                     f"{fp8['scale_max']:.4g}], non-finite {fp8['nonfinite']}")
         summary["val_loss"] = val
         if cfg.hellaswag and rank == 0:
             from llmc.eval import hellaswag_eval

@@ -32,6 +32,21 @@ Supported layouts: 2-D arrays whose last dimension is contiguous (row strides ma
 width), a contiguous bias vector, aux shaped like c with a row stride that is a multiple of 8.
 Anything else is a ValueError naming the argument.
 
+fp8 (Hopper / Ada, compute capability 8.9+):
+
+    matmul_fp8(c, a, a_format, a_scale_inv, b, b_format, b_scale_inv, *, beta=0.0,
+               epilogue="default", bias=None, aux=None, fast_accum=False)
+    c (M, N) bf16 = a_scale_inv * b_scale_inv * (a (M, K) @ b (N, K).T) (+ beta * c), epilogue
+
+a and b are uint8 arrays holding fp8 bits ("e4m3" or "e5m2"; not both e5m2), both K-contiguous:
+cuBLASLt's fp8 kernels take only the "TN" layout, which in our row-major convention is
+a @ b.T with both operands stored row by row. Row strides must be multiples of 16 bytes. The
+scales are device pointers to one fp32 each (the decode scales, 1/scale of the cast), so no
+host sync and nothing for a CUDA graph to miss; they are set on the plan's descriptor per call
+when they changed. Accumulation is fp32; fast_accum=True lets the kernel skip the periodic
+promotion of its partial sums (faster, less accurate: Transformer Engine uses it in the forward
+products only). Bias (bf16, added to the fp32 accumulator) and DGELU epilogues as matmul's.
+
 The library is the libcublasLt that CuPy's cuBLAS loaded (found among the process's mapped
 objects), else cuda.pathfinder's, else libcublasLt.so.<CuPy's CUDA major> / .13 / .12. The enum
 values and struct layouts below are cublasLt.h's, the same in CUDA 12.9 and 13.x.
@@ -41,7 +56,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -52,6 +67,9 @@ WORKSPACE_BYTES = 32 << 20
 
 DESC_TRANSA, DESC_TRANSB, DESC_EPILOGUE, DESC_BIAS_POINTER = 3, 4, 7, 8
 DESC_EPILOGUE_AUX_POINTER, DESC_EPILOGUE_AUX_LD = 11, 12
+DESC_A_SCALE_POINTER, DESC_B_SCALE_POINTER, DESC_FAST_ACCUM = 17, 18, 25
+CUDA_R_8F_E4M3, CUDA_R_8F_E5M2 = 28, 29  # library_types.h
+FP8_TYPES = {"e4m3": CUDA_R_8F_E4M3, "e5m2": CUDA_R_8F_E5M2}
 PREF_MAX_WORKSPACE_BYTES = 1
 PREF_MIN_ALIGNMENT = {"a": 5, "b": 6, "c": 7, "d": 8}  # cuBLASLt's A, B, C, D
 EPILOGUES = {"default": 1, "bias": 4, "gelu_bias": 32 | 4, "gelu_aux_bias": 32 | 128 | 4,
@@ -166,6 +184,8 @@ class _Plan:
     workspace: int
     bias_ptr: ctypes.c_void_p  # set per call when the epilogue takes a vector
     aux_ptr: ctypes.c_void_p
+    a_scale_ptr: ctypes.c_void_p = field(default_factory=ctypes.c_void_p)  # fp8: cuBLASLt's A
+    b_scale_ptr: ctypes.c_void_p = field(default_factory=ctypes.c_void_p)  # fp8: cuBLASLt's B
 
 
 _devices: dict = {}
@@ -190,11 +210,36 @@ def _alignment(ptr: int) -> int:
 
 
 def _layout(dtype, rows: int, cols: int, ld: int) -> ctypes.c_void_p:
-    """Column-major layout of a row-major (rows, cols) matrix with row stride ld."""
+    """Column-major layout of a row-major (rows, cols) matrix with row stride ld; dtype is a
+    NumPy dtype of _CUDA_TYPES or a cudaDataType_t number (the fp8 types)."""
     out = ctypes.c_void_p()
-    _check(_lib().cublasLtMatrixLayoutCreate(ctypes.byref(out), _CUDA_TYPES[dtype], cols, rows,
-                                             ld), "cublasLtMatrixLayoutCreate")
+    cuda_type = dtype if isinstance(dtype, int) else _CUDA_TYPES[dtype]
+    _check(_lib().cublasLtMatrixLayoutCreate(ctypes.byref(out), cuda_type, cols, rows, ld),
+           "cublasLtMatrixLayoutCreate")
     return out
+
+
+def _pick_algorithm(state: _Device, plan: _Plan, aligns: tuple, what: str) -> None:
+    """The heuristic's best algorithm for the plan's descriptor and layouts (C and D alike)."""
+    lib = _lib()
+    pref = ctypes.c_void_p()
+    _check(lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "preference create")
+    try:
+        setp = lib.cublasLtMatmulPreferenceSetAttribute
+        _set(setp, pref, PREF_MAX_WORKSPACE_BYTES, ctypes.c_uint64(WORKSPACE_BYTES))
+        for name, align in zip(("a", "b", "c", "d"), aligns):
+            _set(setp, pref, PREF_MIN_ALIGNMENT[name], ctypes.c_uint32(align))
+        result, count = _Heuristic(), ctypes.c_int(0)
+        status = lib.cublasLtMatmulAlgoGetHeuristic(
+            state.handle, plan.desc, plan.layout_a, plan.layout_b, plan.layout_c, plan.layout_c,
+            pref, 1, ctypes.byref(result), ctypes.byref(count))
+    finally:
+        lib.cublasLtMatmulPreferenceDestroy(pref)
+    if status != 0 or count.value < 1 or result.state != 0:
+        raise RuntimeError(f"cuBLASLt has no algorithm for {what} (heuristic status {status}, "
+                           f"{count.value} results)")
+    plan.algo = result.algo
+    plan.workspace = int(result.workspaceSize)
 
 
 def _make_plan(state: _Device, key: tuple, ptrs: dict) -> _Plan:
@@ -218,26 +263,8 @@ def _make_plan(state: _Device, key: tuple, ptrs: dict) -> _Plan:
         _set(setd, desc, DESC_EPILOGUE_AUX_LD, ctypes.c_int64(ldaux))
         plan.aux_ptr.value = ptrs["aux"]
         _set(setd, desc, DESC_EPILOGUE_AUX_POINTER, plan.aux_ptr)
-    pref = ctypes.c_void_p()
-    _check(lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "preference create")
-    try:
-        setp = lib.cublasLtMatmulPreferenceSetAttribute
-        _set(setp, pref, PREF_MAX_WORKSPACE_BYTES, ctypes.c_uint64(WORKSPACE_BYTES))
-        for name, align in zip(("a", "b", "c", "d"), aligns):
-            _set(setp, pref, PREF_MIN_ALIGNMENT[name], ctypes.c_uint32(align))
-        result, count = _Heuristic(), ctypes.c_int(0)
-        status = lib.cublasLtMatmulAlgoGetHeuristic(
-            state.handle, desc, plan.layout_a, plan.layout_b, plan.layout_c, plan.layout_c,
-            pref, 1, ctypes.byref(result), ctypes.byref(count))
-    finally:
-        lib.cublasLtMatmulPreferenceDestroy(pref)
-    if status != 0 or count.value < 1 or result.state != 0:
-        raise RuntimeError(
-            f"cuBLASLt has no algorithm for epilogue {epilogue!r}, dtype {dtype}, (M, N, K) = "
-            f"{(M, N, K)}, trans_a={trans_a}, trans_b={trans_b} (heuristic status {status}, "
-            f"{count.value} results)")
-    plan.algo = result.algo
-    plan.workspace = int(result.workspaceSize)
+    _pick_algorithm(state, plan, aligns, f"epilogue {epilogue!r}, dtype {dtype}, (M, N, K) = "
+                    f"{(M, N, K)}, trans_a={trans_a}, trans_b={trans_b}")
     return plan
 
 
@@ -322,21 +349,160 @@ def _scalar(x: float):
 
 
 def _run(key: tuple, c, a, b, beta: float, ptrs: dict):
-    """The plan for `key` (made on first use); set its vector pointers and enqueue
-    cublasLtMatmul on CuPy's current stream."""
-    import cupy
+    """The plan for `key` (made on first use), then `_run_plan`."""
     state = _device(key[0])
     plan = state.plans.get(key)
     if plan is None:
         plan = state.plans[key] = _make_plan(state, key, ptrs)
+    _run_plan(state, plan, c, a, b, beta, ptrs)
+
+
+# ---------------------------------------------------------------------------------------------
+# fp8 products (module docstring): c (M, N) bf16 = sa * sb * a (M, K) @ b (N, K).T
+
+def _check_fp8_operand(name: str, x, dev: int) -> int:
+    """A uint8 (rows, K) matrix of fp8 bits, K contiguous, row stride a multiple of 16 bytes;
+    returns the row stride."""
+    import cupy
+    if not isinstance(x, cupy.ndarray) or x.dtype != np.uint8 or x.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D uint8 cupy.ndarray of fp8 bits, got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
+    if x.device.id != dev:
+        raise ValueError(f"{name}: expected an array on the current device {dev}, got device "
+                         f"{x.device.id}")
+    ld = row_stride(name, x, *x.shape)
+    if ld % 16 != 0 or x.data.ptr % 16 != 0:
+        raise ValueError(f"{name}: fp8 operands need 16-byte aligned rows (row stride and address "
+                         f"multiples of 16 bytes), got row stride {ld} at {x.data.ptr:#x}")
+    return ld
+
+
+def _check_scale(name: str, x, dev: int):
+    import cupy
+    if (not isinstance(x, cupy.ndarray) or x.dtype != np.float32 or x.size != 1
+            or x.device.id != dev):
+        raise ValueError(f"{name}: expected a one-element float32 cupy.ndarray on device {dev} "
+                         f"(the decode scale), got {getattr(x, 'dtype', type(x).__name__)} "
+                         f"{getattr(x, 'shape', '')}")
+    if x.data.ptr % 16 != 0:
+        raise ValueError(f"{name}: cuBLASLt needs a 16-byte aligned scale pointer (it refuses "
+                         f"others at run time, status 15), got {x.data.ptr:#x}: keep each scale "
+                         "in its own 16-byte row (llmc.ops.fp8.INV_STRIDE)")
+
+
+def matmul_fp8(c, a, a_format: str, a_scale_inv, b, b_format: str, b_scale_inv, *,
+               beta: float = 0.0, epilogue: str = "default", bias=None, aux=None,
+               fast_accum: bool = False):
+    """c (M, N) bf16 = a_scale_inv * b_scale_inv * a (M, K) @ b (N, K).T (+ beta c), epilogue
+    "default", "bias" (bias (N,) bf16) or "dgelu" (aux (M, N) bf16, beta 0); returns c.
+
+    a, b: uint8 fp8 bits in a_format / b_format ("e4m3" | "e5m2", not both "e5m2");
+    a_scale_inv, b_scale_inv: one-element float32 device arrays.
+    """
+    import cupy
+    for name, fmt in (("a_format", a_format), ("b_format", b_format)):
+        if fmt not in FP8_TYPES:
+            raise ValueError(f"{name}: expected one of {tuple(FP8_TYPES)}, got {fmt!r}")
+    if a_format == "e5m2" and b_format == "e5m2":
+        raise ValueError("b_format: cuBLASLt has no e5m2 x e5m2 product; cast one operand "
+                         "(the weights or activations) to e4m3")
+    if epilogue not in ("default", "bias", "dgelu"):
+        raise ValueError(f"epilogue: expected 'default', 'bias' or 'dgelu' for fp8, got "
+                         f"{epilogue!r}")
+    dev = cupy.cuda.Device().id
+    _check_matrix("c", c, BF16, dev)
+    lda = _check_fp8_operand("a", a, dev)
+    ldb = _check_fp8_operand("b", b, dev)
+    _check_scale("a_scale_inv", a_scale_inv, dev)
+    _check_scale("b_scale_inv", b_scale_inv, dev)
+    (M, K), (N, Kb) = a.shape, b.shape
+    if Kb != K or K < 1:
+        raise ValueError(f"b: expected shape (N, {K}) (K = a.shape[1] >= 1), got {b.shape}")
+    if c.shape != (M, N):
+        raise ValueError(f"c: expected shape {(M, N)} (rows of a, rows of b), got {c.shape}")
+    ldc = row_stride("c", c, M, N)
+    ptrs = {"a_scale": a_scale_inv.data.ptr, "b_scale": b_scale_inv.data.ptr}
+    ldaux = None
+    if epilogue == "bias":
+        if (not isinstance(bias, cupy.ndarray) or bias.shape != (N,) or bias.dtype != BF16
+                or not bias.flags.c_contiguous or bias.device.id != dev):
+            raise ValueError(f"bias: epilogue 'bias' needs a contiguous ({N},) bfloat16 vector "
+                             f"on device {dev}, got {getattr(bias, 'dtype', type(bias).__name__)} "
+                             f"{getattr(bias, 'shape', '')}")
+        ptrs["bias"] = bias.data.ptr
+    elif bias is not None:
+        raise ValueError(f"bias: epilogue {epilogue!r} takes no bias")
+    if epilogue == "dgelu":
+        _check_matrix("aux", aux, BF16, dev)
+        if aux.shape != c.shape:
+            raise ValueError(f"aux: expected shape {c.shape} (that of c), got {aux.shape}")
+        ldaux = row_stride("aux", aux, M, N)
+        if ldaux % 8 != 0:
+            raise ValueError(f"aux: the row stride must be a multiple of 8 elements, got {ldaux}")
+        if beta != 0.0:
+            raise ValueError(f"beta: epilogue 'dgelu' needs beta = 0, got {beta}")
+        ptrs["aux"] = aux.data.ptr
+    elif aux is not None:
+        raise ValueError(f"aux: epilogue {epilogue!r} takes no aux matrix")
+    if c.size == 0:
+        return c
+    aligns = (_alignment(b.data.ptr), _alignment(a.data.ptr), _alignment(c.data.ptr),
+              _alignment(c.data.ptr))
+    key = (dev, "fp8", a_format, b_format, M, N, K, lda, ldb, ldc, epilogue, ldaux,
+           bool(fast_accum), aligns)
+    state = _device(dev)
+    plan = state.plans.get(key)
+    if plan is None:
+        plan = state.plans[key] = _make_fp8_plan(state, key, ptrs)
+    _run_plan(state, plan, c, a, b, beta, ptrs)
+    return c
+
+
+def _make_fp8_plan(state: _Device, key: tuple, ptrs: dict) -> _Plan:
+    _, _, a_format, b_format, M, N, K, lda, ldb, ldc, epilogue, ldaux, fast_accum, aligns = key
+    lib = _lib()
+    desc = ctypes.c_void_p()
+    _check(lib.cublasLtMatmulDescCreate(ctypes.byref(desc), CUBLAS_COMPUTE_32F, CUDA_R_32F),
+           "cublasLtMatmulDescCreate")
+    setd = lib.cublasLtMatmulDescSetAttribute
+    # cuBLASLt's A is our b (N, K) row-major = column-major (K, N), used transposed: "TN"
+    _set(setd, desc, DESC_TRANSA, ctypes.c_int32(CUBLAS_OP_T))
+    _set(setd, desc, DESC_TRANSB, ctypes.c_int32(CUBLAS_OP_N))
+    _set(setd, desc, DESC_EPILOGUE, ctypes.c_uint32(EPILOGUES[epilogue]))
+    _set(setd, desc, DESC_FAST_ACCUM, ctypes.c_int8(1 if fast_accum else 0))
+    plan = _Plan(desc, _layout(FP8_TYPES[b_format], N, K, ldb),
+                 _layout(FP8_TYPES[a_format], M, K, lda), _layout(BF16, M, N, ldc), _Algo(), 0,
+                 ctypes.c_void_p(), ctypes.c_void_p())
+    plan.a_scale_ptr.value = ptrs["b_scale"]
+    _set(setd, desc, DESC_A_SCALE_POINTER, plan.a_scale_ptr)
+    plan.b_scale_ptr.value = ptrs["a_scale"]
+    _set(setd, desc, DESC_B_SCALE_POINTER, plan.b_scale_ptr)
+    if "bias" in ptrs:
+        plan.bias_ptr.value = ptrs["bias"]
+        _set(setd, desc, DESC_BIAS_POINTER, plan.bias_ptr)
+    if ldaux is not None:
+        _set(setd, desc, DESC_EPILOGUE_AUX_LD, ctypes.c_int64(ldaux))
+        plan.aux_ptr.value = ptrs["aux"]
+        _set(setd, desc, DESC_EPILOGUE_AUX_POINTER, plan.aux_ptr)
+    _pick_algorithm(state, plan, aligns,
+                    f"fp8 {a_format} x {b_format} -> bf16, epilogue {epilogue!r}, (M, N, K) = "
+                    f"{(M, N, K)}, fast_accum={fast_accum}")
+    return plan
+
+
+def _run_plan(state: _Device, plan: _Plan, c, a, b, beta: float, ptrs: dict):
+    """Point the plan's descriptor at this call's vectors and scales, enqueue cublasLtMatmul."""
+    import cupy
     lib = _lib()
     setd = lib.cublasLtMatmulDescSetAttribute
-    if "bias" in ptrs and plan.bias_ptr.value != ptrs["bias"]:
-        plan.bias_ptr.value = ptrs["bias"]
-        _set(setd, plan.desc, DESC_BIAS_POINTER, plan.bias_ptr)
-    if "aux" in ptrs and plan.aux_ptr.value != ptrs["aux"]:
-        plan.aux_ptr.value = ptrs["aux"]
-        _set(setd, plan.desc, DESC_EPILOGUE_AUX_POINTER, plan.aux_ptr)
+    for key, slot, attr in (("bias", "bias_ptr", DESC_BIAS_POINTER),
+                            ("aux", "aux_ptr", DESC_EPILOGUE_AUX_POINTER),
+                            ("b_scale", "a_scale_ptr", DESC_A_SCALE_POINTER),
+                            ("a_scale", "b_scale_ptr", DESC_B_SCALE_POINTER)):
+        held = getattr(plan, slot)
+        if key in ptrs and held.value != ptrs[key]:
+            held.value = ptrs[key]
+            _set(setd, plan.desc, attr, held)
     status = lib.cublasLtMatmul(
         state.handle, plan.desc, _scalar(1.0), b.data.ptr, plan.layout_a, a.data.ptr,
         plan.layout_b, _scalar(float(beta)), c.data.ptr, plan.layout_c, c.data.ptr,

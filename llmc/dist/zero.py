@@ -237,6 +237,9 @@ class DataParallel:
         with self.dist.group():
             for owner, (a, b) in enumerate(self.shards):
                 self.dist.broadcast(params[a:b], root=owner)
+        hook = getattr(self.model, "params_updated", None)  # fp8 weight copies follow the params
+        if hook is not None:
+            hook()
 
     def skip(self) -> None:
         """Drop this step's gradients (the outlier guard): weights and moments stay as they are."""

@@ -15,6 +15,10 @@ What the forward keeps for the backward (N = B*T rows, L layers, floatX unless n
     lnf (N, C) + mean, rstd (N,) f32        losses (N,) f32
     logits (ceil(N / chunks), Vp): one chunk of rows of the LM head at a time (chunks = 1: all
         N rows, as llm.c); dlogits in place after the loss
+With keep_linear_inputs=False (fp8 mode with fp8 weight gradients: the backward's products
+read fp8 transposes that llmc/model/fp8.py keeps instead), ln1 and ln2 are ONE (N, C) buffer
+each, shared by all layers, and fch_gelu is not allocated (the fp8 GELU cast writes only fp8).
+`ln1_l`, `ln2_l` are the per-layer views either way.
 The attention and MLP projections are not kept: their outputs go to `btc` and are folded into
 the residual stream at once by the fused residual + LayerNorm kernel (as llm.c does).
 
@@ -35,7 +39,7 @@ class Activations:
     """The buffers of one GPUModel; attributes as in the module docstring."""
 
     def __init__(self, mc, B: int, T: int, dtype, recompute: int, method: str,
-                 classifier_chunks: int = 1):
+                 classifier_chunks: int = 1, keep_linear_inputs: bool = True):
         import cupy
         x = as_dtype(dtype)
         L, C, NH, Vp = mc.n_layer, mc.n_embd, mc.n_head, mc.padded_vocab_size
@@ -46,7 +50,8 @@ class Activations:
             return cupy.empty(shape, dtype=dt)
 
         self.encoded = buf((N, C))
-        self.ln1, self.ln1_mean, self.ln1_rstd = buf((L, N, C)), buf((L, N), F32), buf((L, N), F32)
+        kept = L if keep_linear_inputs else 1
+        self.ln1, self.ln1_mean, self.ln1_rstd = buf((kept, N, C)), buf((L, N), F32), buf((L, N), F32)
         self.qkv = buf((L, B, T, 3 * C))
         self.atty = buf((L, B, T, C))
         spec = attention.attention_buffers(B, T, C, NH, x, method)
@@ -55,10 +60,14 @@ class Activations:
         self.saved = [{name: arr[l] for name, arr in stacked.items()} for l in range(L)]
         self.attn_scratch = attention.allocate(attention.attention_scratch(B, T, C, NH, x, method))
         self.residual2 = buf((L, N, C))
-        self.ln2, self.ln2_mean, self.ln2_rstd = buf((L, N, C)), buf((L, N), F32), buf((L, N), F32)
+        self.ln2, self.ln2_mean, self.ln2_rstd = buf((kept, N, C)), buf((L, N), F32), buf((L, N), F32)
+        self.ln1_l = [self.ln1[l if keep_linear_inputs else 0] for l in range(L)]
+        self.ln2_l = [self.ln2[l if keep_linear_inputs else 0] for l in range(L)]
         self.fch = buf((L, N, 4 * C))
-        gelu_store = buf((1 if recompute else L, N, 4 * C))
-        self.fch_gelu = [gelu_store[0 if recompute else l] for l in range(L)]
+        self.fch_gelu = None
+        if keep_linear_inputs:
+            gelu_store = buf((1 if recompute else L, N, 4 * C))
+            self.fch_gelu = [gelu_store[0 if recompute else l] for l in range(L)]
         self.residual3 = buf((L, N, C))
         self.lnf, self.lnf_mean, self.lnf_rstd = buf((N, C)), buf((N,), F32), buf((N,), F32)
         rows = -(-N // classifier_chunks)

@@ -35,6 +35,11 @@ Design:
   parallelism starts each bucket's reduction on its own stream while the backward goes on.
 - recompute=1 keeps no GELU output per layer (one shared buffer, recomputed in the backward).
 - attention: "auto" | "flash" | "matmul", resolved by llmc.ops.attention.resolve_method.
+- fp8=True (bf16 models on compute capability 8.9+): the qkv, attproj, fc and fcproj products
+  run in fp8 through llmc/model/fp8.py (E4M3 weights and activations, E5M2 gradients, delayed
+  per-tensor scaling); the GELU is fused into the cast of its output. fp8 weight copies must
+  follow the weights: `params_updated()` refreshes them; load_params, GPUAdamW.update and
+  DataParallel.update call it. The LM head, attention and everything else stay bf16.
 - Ops are called through their modules (`matmul.matmul_forward`), so a profiler may wrap them
   (bench/e2e.py --profile).
 - graphs=True: `forward_backward` without `on_layer_grads` replays a CUDA graph of the whole
@@ -75,10 +80,17 @@ class GPUModel:
 
     def __init__(self, mc: ModelConfig, B: int, T: int, dtype: str = "bf16", recompute: int = 0,
                  attention: str = "auto", classifier_chunks: int = 1, graphs: bool = False,
-                 gelu_epilogue: bool = False):
+                 gelu_epilogue: bool = False, fp8: bool = False, fp8_wgrad: bool = True,
+                 fp8_fast_accum: bool = True):
         import cupy
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+        if fp8:
+            if dtype != "bf16":
+                raise ValueError(f"fp8: the fp8 products write bf16 and keep bf16 weights; "
+                                 f"use dtype='bf16' (--dtype bf16), got {dtype!r}")
+            from llmc.model.fp8 import check_fp8_device
+            check_fp8_device(cupy.cuda.Device().compute_capability, _device_label())
         mc.check_batch(B, T)
         if recompute not in (0, 1):
             raise ValueError(f"recompute must be 0 or 1, got {recompute!r}")
@@ -100,8 +112,14 @@ class GPUModel:
         L = mc.n_layer
         self._pl = [{k: self._p[k][l] for k in LAYER_PARAMS} for l in range(L)]
         self._gl = [{k: self._g[k][l] for k in LAYER_PARAMS} for l in range(L)]
+        self.fp8 = None
+        if fp8:
+            from llmc.model.fp8 import Fp8State
+            self.fp8 = Fp8State(mc, B, T, wgrad=fp8_wgrad, fast_accum=fp8_fast_accum,
+                                recompute=recompute)
         self.acts = Activations(mc, B, T, self.floatX, recompute, self.attention,
-                                classifier_chunks)
+                                classifier_chunks,
+                                keep_linear_inputs=not (fp8 and fp8_wgrad))
         a = self.acts
         self._encoded3 = a.encoded.reshape(B, T, mc.n_embd)
         self._dresidual3 = a.dresidual.reshape(B, T, mc.n_embd)
@@ -111,11 +129,15 @@ class GPUModel:
         if gelu_epilogue and recompute:
             raise ValueError("gelu_epilogue needs recompute=0: the backward's recomputed GELU "
                              "(our kernel on the stored fch) would differ from the epilogue's")
+        if gelu_epilogue and fp8:
+            raise ValueError("gelu_epilogue: with fp8 the GELU is already fused into the fp8 "
+                             "cast of its output; leave gelu_epilogue off")
         self.gelu_epilogue = bool(gelu_epilogue)
         self.graph_failure = None    # why capture failed (graphs are then off), or None
         self._graphs = {}            # loss_scale -> cupy.cuda.Graph of one micro-step
         self._eager_done = set()     # loss_scales whose first micro-step ran eagerly
         self._capture_stream = None
+        self.params_updated()  # fp8: copies of the (zero) weights until load_params
 
     # -----------------------------------------------------------------------------------------
     # parameters
@@ -130,6 +152,17 @@ class GPUModel:
             raise ValueError(f"load_params: expected a float buffer, got dtype {flat.dtype}")
         host = np.ascontiguousarray(flat.astype(np.float32, copy=False).astype(self.floatX))
         from_host(self.params, host)
+        self.params_updated()
+
+    def params_updated(self) -> None:
+        """The working params changed (an optimizer update, a load): refresh what is derived
+        from them (fp8 mode: the fp8 weight copies and their scales). No-op in bf16/fp32."""
+        if self.fp8 is not None:
+            self.fp8.refresh_weights(self._p)
+
+    def fp8_stats(self) -> dict | None:
+        """fp8 mode: the scale bookkeeping's state (llmc.model.fp8.Fp8State.stats; one sync)."""
+        return None if self.fp8 is None else self.fp8.stats()
 
     def params_fp32(self) -> np.ndarray:
         """The working parameters as a host float32 (N,) array (exact: bf16 widens exactly)."""
@@ -165,6 +198,8 @@ class GPUModel:
         self._head(tgt.reshape(-1), loss_scale / a.N, backward=True)
         classifier.mean_loss(self._loss, a.losses)
         self._backward(inp, on_layer_grads)
+        if self.fp8 is not None:
+            self.fp8.end_step()  # device-side: new scales from this step's amaxes
 
     def _replay(self, loss_scale: float) -> None:
         """One micro-step on the staging buffers: eager the first time per loss_scale, then
@@ -299,31 +334,56 @@ class GPUModel:
         a, p, mc = self.acts, self._p, self.mc
         L, NH = mc.n_layer, mc.n_head
         encoder.encoder_forward(self._encoded3, inp, p["wte"], p["wpe"])
-        layernorm.layernorm_forward(a.ln1[0], a.ln1_mean[0], a.ln1_rstd[0], a.encoded,
+        layernorm.layernorm_forward(a.ln1_l[0], a.ln1_mean[0], a.ln1_rstd[0], a.encoded,
                                     p["ln1w"][0], p["ln1b"][0])
         for l in range(L):
             w = self._pl[l]
             residual = a.encoded if l == 0 else a.residual3[l - 1]
-            matmul.matmul_forward(a.qkv_l[l], a.ln1[l], w["qkvw"], w["qkvb"])
+            self._linear(l, "qkv", a.qkv_l[l], a.ln1_l[l])
             attention.attention_forward(a.atty_l[l], a.saved[l], a.qkv_l[l], NH, a.attn_scratch)
-            matmul.matmul_forward(a.btc, a.atty_l[l], w["attprojw"], w["attprojb"])
+            self._linear(l, "attproj", a.btc, a.atty_l[l])
             layernorm.fused_residual_layernorm_forward(
-                a.residual2[l], a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], residual, a.btc,
+                a.residual2[l], a.ln2_l[l], a.ln2_mean[l], a.ln2_rstd[l], residual, a.btc,
                 w["ln2w"], w["ln2b"])
-            if self.gelu_epilogue:
-                matmul.matmul_forward(a.fch_gelu[l], a.ln2[l], w["fcw"], w["fcb"], gelu=True,
+            if self.fp8 is not None:  # GELU fused into the fp8 cast of its output
+                self._linear(l, "fc", a.fch[l], a.ln2_l[l])
+                self.fp8.gelu_forward(l, a.fch[l], out_x=None if a.fch_gelu is None
+                                      else a.fch_gelu[l])
+                self._linear(l, "fcproj", a.btc, None)
+            elif self.gelu_epilogue:
+                matmul.matmul_forward(a.fch_gelu[l], a.ln2_l[l], w["fcw"], w["fcb"], gelu=True,
                                       pre_gelu=a.fch[l])
+                self._linear(l, "fcproj", a.btc, a.fch_gelu[l])
             else:
-                matmul.matmul_forward(a.fch[l], a.ln2[l], w["fcw"], w["fcb"])
+                self._linear(l, "fc", a.fch[l], a.ln2_l[l])
                 gelu.gelu_forward(a.fch_gelu[l], a.fch[l])
-            matmul.matmul_forward(a.btc, a.fch_gelu[l], w["fcprojw"], w["fcprojb"])
+                self._linear(l, "fcproj", a.btc, a.fch_gelu[l])
             if l + 1 < L:
-                out, mean, rstd = a.ln1[l + 1], a.ln1_mean[l + 1], a.ln1_rstd[l + 1]
+                out, mean, rstd = a.ln1_l[l + 1], a.ln1_mean[l + 1], a.ln1_rstd[l + 1]
                 nw, nb = p["ln1w"][l + 1], p["ln1b"][l + 1]
             else:
                 out, mean, rstd, nw, nb = a.lnf, a.lnf_mean, a.lnf_rstd, p["lnfw"], p["lnfb"]
             layernorm.fused_residual_layernorm_forward(
                 a.residual3[l], out, mean, rstd, a.residual2[l], a.btc, nw, nb)
+
+    def _linear(self, l: int, name: str, out, inp) -> None:
+        """out = inp @ W.T + b of layer l's product `name` (fp8 mode: inp None means its fp8
+        copy is already in place)."""
+        w = self._pl[l]
+        if self.fp8 is not None:
+            self.fp8.forward(l, name, out, inp, w[name + "b"])
+        else:
+            matmul.matmul_forward(out, inp, w[name + "w"], w[name + "b"])
+
+    def _linear_backward(self, l: int, name: str, dinp, dout, inp, pre_gelu=None) -> None:
+        """dinp = dout @ W (=), dW += dout^T @ inp, db += sums of dout, for layer l's `name`."""
+        w, dw, s = self._pl[l], self._gl[l], self.acts.scratch
+        if self.fp8 is not None:
+            self.fp8.backward(l, name, dinp, dw[name + "w"], dw[name + "b"], dout, inp, s,
+                              pre_gelu=pre_gelu)
+        else:
+            matmul.matmul_backward(dinp, dw[name + "w"], dw[name + "b"], dout, inp,
+                                   w[name + "w"], s, pre_gelu=pre_gelu)
 
     def _head(self, targets, dloss: float, backward: bool) -> None:
         """Per chunk of rows: logits = lnf @ wte.T, losses; with backward, dlogits in place,
@@ -348,21 +408,22 @@ class GPUModel:
             w, dw = self._pl[l], self._gl[l]
             residual = a.encoded if l == 0 else a.residual3[l - 1]
             # MLP: residual3 = residual2 + fcproj(gelu(fc(ln2(residual2))))
-            if self.recompute:
-                gelu.gelu_forward(a.fch_gelu[l], a.fch[l])
+            fch_gelu = None if a.fch_gelu is None else a.fch_gelu[l]
+            if self.recompute and self.fp8 is not None:
+                self.fp8.recompute_gelu(l, a.fch[l], out_x=fch_gelu)
+            elif self.recompute:
+                gelu.gelu_forward(fch_gelu, a.fch[l])
             # dfch = (dresidual @ fcprojw) * gelu'(fch): the GELU backward in the product
-            matmul.matmul_backward(a.dfch, dw["fcprojw"], dw["fcprojb"], a.dresidual,
-                                   a.fch_gelu[l], w["fcprojw"], s, pre_gelu=a.fch[l])
-            matmul.matmul_backward(a.btc, dw["fcw"], dw["fcb"], a.dfch, a.ln2[l], w["fcw"], s)
+            self._linear_backward(l, "fcproj", a.dfch, a.dresidual, fch_gelu, pre_gelu=a.fch[l])
+            self._linear_backward(l, "fc", a.btc, a.dfch, a.ln2_l[l])
             layernorm.layernorm_backward(a.dresidual, dw["ln2w"], dw["ln2b"], a.btc,
                                          a.residual2[l], w["ln2w"], a.ln2_mean[l],
                                          a.ln2_rstd[l], s)
             # attention: residual2 = residual + attproj(attn(qkv(ln1(residual))))
-            matmul.matmul_backward(a.btc, dw["attprojw"], dw["attprojb"], a.dresidual,
-                                   a.atty_l[l], w["attprojw"], s)
+            self._linear_backward(l, "attproj", a.btc, a.dresidual, a.atty_l[l])
             attention.attention_backward(a.dqkv, a.btc3, a.qkv_l[l], a.atty_l[l], a.saved[l], NH,
                                          a.attn_scratch)
-            matmul.matmul_backward(a.btc, dw["qkvw"], dw["qkvb"], a.dqkv, a.ln1[l], w["qkvw"], s)
+            self._linear_backward(l, "qkv", a.btc, a.dqkv, a.ln1_l[l])
             layernorm.layernorm_backward(a.dresidual, dw["ln1w"], dw["ln1b"], a.btc, residual,
                                          w["ln1w"], a.ln1_mean[l], a.ln1_rstd[l], s)
             if on_layer_grads is not None:
@@ -370,6 +431,13 @@ class GPUModel:
         encoder.encoder_backward(g["wte"], g["wpe"], self._dresidual3, inp, s)
         if on_layer_grads is not None:
             on_layer_grads(-1)
+
+
+def _device_label() -> str:
+    import cupy
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    name = props["name"]
+    return name.decode() if isinstance(name, bytes) else str(name)
 
 
 def _resolve_attention(method: str, floatX, head_size: int) -> str:

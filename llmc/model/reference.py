@@ -11,6 +11,10 @@ Design choices:
 - LayerNorm uses the biased variance and eps = 1e-5, as GPT-2.
 - GELU is the tanh approximation 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 - Attention is causal; the forward saves the softmax probabilities `att` for the backward.
+- fp8 (the --fp8 products): a cast is q = fp8(x * scale), round to nearest even, saturating at
+  the format's largest finite value (NaN stays NaN); fp8 bits are uint8 arrays, decoded with
+  ml_dtypes' float8_e4m3fn / float8_e5m2. The scale rule is Transformer Engine's delayed
+  scaling, in float32 as the kernel computes it (see fp8_scale_update).
 - Cross-entropy reads only the first V of Vp logit columns: padded columns get probability 0
   and gradient 0, so padded rows of the tied wte never receive a gradient from the loss.
 
@@ -253,3 +257,65 @@ def sampling_probs(logits, temperature=1.0, top_k=0, top_p=1.0):
         keep &= above < top_p * w.sum()
         w = np.where(keep, w, 0.0)
     return w / w.sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# fp8: casts, the scale rule, the product of decoded operands
+
+FP8_MAX = {"e4m3": 448.0, "e5m2": 57344.0}
+
+
+def _fp8_dtype(fmt):
+    import ml_dtypes
+    if fmt not in FP8_MAX:
+        raise ValueError(f"fmt: expected 'e4m3' or 'e5m2', got {fmt!r}")
+    return ml_dtypes.float8_e4m3fn if fmt == "e4m3" else ml_dtypes.float8_e5m2
+
+
+def fp8_quantize(x, scale, fmt):
+    """uint8 fp8 bits of x * scale (products in float32), nearest even, saturating; x's shape."""
+    fmax = np.float32(FP8_MAX[fmt])
+    y = np.asarray(x, dtype=np.float32) * np.float32(scale)
+    y = np.clip(y, -fmax, fmax)  # satfinite; NaN passes through clip
+    return y.astype(_fp8_dtype(fmt)).view(np.uint8)
+
+
+def fp8_dequantize(bits, fmt, scale_inv=1.0):
+    """float32 values of uint8 fp8 bits, times the decode scale scale_inv."""
+    values = np.asarray(bits, dtype=np.uint8).view(_fp8_dtype(fmt)).astype(np.float32)
+    return values * np.float32(scale_inv)
+
+
+def fp8_amax(x):
+    """max |x| as float32 (NaN when x holds a NaN, as the kernel's max over the bits of |x|)."""
+    a = np.abs(np.asarray(x, dtype=np.float32))
+    return np.float32(np.nan) if np.isnan(a).any() else np.float32(a.max(initial=0.0))
+
+
+def fp8_scale_update(scale, history, amax, fmax, pos, margin=0):
+    """Delayed scaling, one step for S slots; returns new (scale, scale_inv, history, amax).
+
+    scale, amax, fmax (S,) float32; history (S, H) float32; pos: the history column written.
+    history[:, pos] = amax; amax = 0; m = max of the finite history entries per slot;
+    scale = fmax / m * 2^-margin where m > 0 and the result is finite and > 0, else unchanged;
+    scale_inv = 1 / scale.
+    """
+    scale = np.array(scale, dtype=np.float32)
+    history = np.array(history, dtype=np.float32)
+    history[:, pos] = np.asarray(amax, dtype=np.float32)
+    finite = np.where(np.isfinite(history), history, np.float32(0.0))
+    m = finite.max(axis=1)  # (S,)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        candidate = np.asarray(fmax, dtype=np.float32) / m * np.float32(2.0 ** -margin)
+    ok = (m > 0) & np.isfinite(candidate) & (candidate > 0)
+    scale = np.where(ok, candidate, scale).astype(np.float32)
+    return scale, (np.float32(1.0) / scale).astype(np.float32), history, np.zeros_like(scale)
+
+
+def fp8_matmul(a_bits, a_fmt, a_scale_inv, b_bits, b_fmt, b_scale_inv, bias=None):
+    """float64 (M, N) = decode(a) (M, K) @ decode(b) (N, K).T (+ bias (N,)): the exact product
+    of what an fp8 matmul multiplies, the oracle for cuBLASLt's fp32 accumulation."""
+    a = fp8_dequantize(a_bits, a_fmt, a_scale_inv).astype(np.float64)
+    b = fp8_dequantize(b_bits, b_fmt, b_scale_inv).astype(np.float64)
+    out = a @ b.T  # (M, N)
+    return out if bias is None else out + np.asarray(bias, dtype=np.float64)

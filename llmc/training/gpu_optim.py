@@ -16,6 +16,9 @@ Design:
   bits come from (seed, t, global index): a sharded update equals the unsharded one.
 - Nothing is allocated in `step`: the norm outputs are preallocated; the returned 0-d norm is
   overwritten by the next step.
+- After an update of the whole buffer, `model.params_updated()` (when the model has it) refreshes
+  what is derived from the weights (fp8 weight copies); a sharded update leaves that to the
+  distributed layer, after its all-gather.
 - `state_dict()` -> host {"master", "m", "v", "shard"}; `load_state_dict` checks shapes and the
   shard range, and leaves the working params alone (they are restored exactly from the
   checkpoint's weights; re-rounding the master would not reproduce stochastic rounding).
@@ -29,6 +32,13 @@ import numpy as np
 from llmc.model.gpu_model import from_host, to_host
 from llmc.ops import F32, adamw, round_up
 from llmc.model.params import decay_ranges
+
+
+def _params_updated(model) -> None:
+    """model.params_updated() where the model has one (GPUModel; test doubles may not)."""
+    hook = getattr(model, "params_updated", None)
+    if hook is not None:
+        hook()
 
 
 class GPUAdamW:
@@ -112,6 +122,8 @@ class GPUAdamW:
                            eps=self.eps, weight_decay=self.weight_decay, step=int(step) + 1,
                            grad_clip=self.grad_clip, seed=self.seed, ranges=self.ranges,
                            offset=start)
+        if self.shard == (0, self.model.params.size):
+            _params_updated(self.model)
 
     def state_dict(self) -> dict:
         """Host copies: {"master", "m", "v": fp32 (stop-start,), "shard": int64 [start, stop]}."""

@@ -113,7 +113,9 @@ class GPUBackend:
         self.world_size, self.rank = dist.world_size, dist.rank
         self.model = GPUModel(mc, cfg.batch_size, cfg.seq_len, dtype=cfg.dtype,
                               recompute=cfg.recompute, attention=cfg.attention,
-                              classifier_chunks=cfg.classifier_chunks, graphs=cfg.graphs)
+                              classifier_chunks=cfg.classifier_chunks, graphs=cfg.graphs,
+                              fp8=cfg.fp8, fp8_wgrad=bool(cfg.fp8_wgrad),
+                              fp8_fast_accum=bool(cfg.fp8_fast_accum))
         self.dp = DataParallel(dist, self.model, zero=cfg.zero, beta1=cfg.beta1, beta2=cfg.beta2,
                                eps=cfg.eps, weight_decay=cfg.weight_decay,
                                grad_clip=cfg.grad_clip, seed=cfg.seed)
