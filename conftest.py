@@ -31,3 +31,4 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=f"needs a CUDA GPU: {reason}"))
         elif "multigpu" in item.keywords and gpu_count() < 2:
             item.add_marker(pytest.mark.skip(reason=f"needs 2+ GPUs, found {gpu_count()}"))
+

@@ -528,3 +528,52 @@ def test_product_dims_shared_by_cublas_and_cublaslt():
         product_dims(c, A(shape=(4, 8)), A(shape=(8, 6)), False, False)
     with pytest.raises(ValueError, match="^b: inner dimensions differ"):
         product_dims(c, A(shape=(4, 8)), A(shape=(7, 5)), False, False)
+
+
+@pytest.mark.gpu
+def test_tuning_picks_a_candidate_remembers_it_and_keeps_beta(monkeypatch, tmp_path):
+    """LLMC_MATMUL_TUNE=1: the first call of a plan times the heuristic's candidates and keeps
+    one; a beta=1 product still accumulates exactly once (tuning ran on scratch); the choice is
+    written to $LLMC_CACHE_DIR and a fresh process state reads it back instead of timing."""
+    import json
+    import cupy
+    from llmc.cuda import cublaslt
+    monkeypatch.setenv("LLMC_MATMUL_TUNE", "1")
+    monkeypatch.setenv("LLMC_CACHE_DIR", str(tmp_path))
+
+    def fresh():
+        cublaslt._tuned_cache.clear()
+        cublaslt._device(cupy.cuda.Device().id).plans.clear()
+
+    rng = np.random.default_rng(7)
+    a, a64 = randn(rng, (2048, 768), "bf16")
+    b, b64 = randn(rng, (3072, 768), "bf16", 768 ** -0.5)
+    c0, c064 = randn(rng, (768, 3072), "bf16")
+    fresh()
+    try:
+        c = device(c0)
+        cublaslt.matmul(c, device(a), device(b), trans_a=True, trans_b=True, beta=1.0)
+        assert_close(host(c), c064 + a64.T @ b64.T, "bf16", "tuned c += a.T @ b.T")
+        out = poisoned((2048, 3072), "bf16")
+        cublaslt.matmul(out, device(a), device(b), trans_b=True)
+        assert_close(host(out), a64 @ b64.T, "bf16", "tuned out = a @ b.T")
+        plans = cublaslt._device(cupy.cuda.Device().id).plans
+        assert all(p.tuned for p in plans.values())
+        saved = json.loads(cublaslt.tuning_cache_path().read_text())
+        (section, entries), = saved.items()
+        chosen = {p.key_text: bytes(p.algo.data) for p in plans.values() if len(p.candidates) > 1}
+        assert set(chosen) <= set(entries), "a tuned plan is missing from the cache file"
+        for p in plans.values():
+            if p.key_text in entries:
+                assert bytes(p.candidates[entries[p.key_text]][0].data) == bytes(p.algo.data)
+        # another process: the file's choice, not a new timing (make it a different rank)
+        key = next(iter(chosen))
+        entries[key] = (entries[key] + 1) % 2
+        cublaslt.tuning_cache_path().write_text(json.dumps(saved))
+        fresh()
+        cublaslt.matmul(device(c0), device(a), device(b), trans_a=True, trans_b=True, beta=1.0)
+        cublaslt.matmul(poisoned((2048, 3072), "bf16"), device(a), device(b), trans_b=True)
+        plan = next(p for p in plans.values() if p.key_text == key)
+        assert bytes(plan.algo.data) == bytes(plan.candidates[entries[key]][0].data)
+    finally:
+        fresh()
