@@ -546,14 +546,15 @@ def test_tuning_picks_a_candidate_remembers_it_and_keeps_beta(monkeypatch, tmp_p
         cublaslt._device(cupy.cuda.Device().id).plans.clear()
 
     rng = np.random.default_rng(7)
-    a, a64 = randn(rng, (2048, 768), "bf16")
+    a, a64 = randn(rng, (2048, 768), "bf16")           # a wgrad's dout (N, OC)
+    x, x64 = randn(rng, (2048, 3072), "bf16")          # ... and its input (N, C)
     b, b64 = randn(rng, (3072, 768), "bf16", 768 ** -0.5)
     c0, c064 = randn(rng, (768, 3072), "bf16")
     fresh()
     try:
         c = device(c0)
-        cublaslt.matmul(c, device(a), device(b), trans_a=True, trans_b=True, beta=1.0)
-        assert_close(host(c), c064 + a64.T @ b64.T, "bf16", "tuned c += a.T @ b.T")
+        cublaslt.matmul(c, device(a), device(x), trans_a=True, beta=1.0)
+        assert_close(host(c), c064 + a64.T @ x64, "bf16", "tuned c += a.T @ x")
         out = poisoned((2048, 3072), "bf16")
         cublaslt.matmul(out, device(a), device(b), trans_b=True)
         assert_close(host(out), a64 @ b64.T, "bf16", "tuned out = a @ b.T")
@@ -571,7 +572,7 @@ def test_tuning_picks_a_candidate_remembers_it_and_keeps_beta(monkeypatch, tmp_p
         entries[key] = (entries[key] + 1) % 2
         cublaslt.tuning_cache_path().write_text(json.dumps(saved))
         fresh()
-        cublaslt.matmul(device(c0), device(a), device(b), trans_a=True, trans_b=True, beta=1.0)
+        cublaslt.matmul(device(c0), device(a), device(x), trans_a=True, beta=1.0)
         cublaslt.matmul(poisoned((2048, 3072), "bf16"), device(a), device(b), trans_b=True)
         plan = next(p for p in plans.values() if p.key_text == key)
         assert bytes(plan.algo.data) == bytes(plan.candidates[entries[key]][0].data)
