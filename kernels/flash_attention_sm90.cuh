@@ -51,6 +51,10 @@ __device__ __forceinline__ void fa9_commit() {
 __device__ __forceinline__ void fa9_wait_all() {
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 }
+// Waits until at most one committed group (the latest) is still running.
+__device__ __forceinline__ void fa9_wait_1() {
+    asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+}
 // Completed cp.async writes (generic proxy) made visible to later wgmma reads (async proxy).
 __device__ __forceinline__ void fa9_fence_proxy_async() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");

@@ -20,8 +20,9 @@
 // No P or dS tile is ever written to shared memory: every operand layout is one the forward
 // already uses (Q/K as K-major A/B, V as MN-major B), on tiles of the same format. All tiles are
 // written only by cp.async and read by wgmma after fence.proxy.async and a barrier.
-// Per tile, the S and dP products go out as one commit group; dv's product runs while dS is
-// formed, and dk's joins it before the single wait. The A fragments stay pinned until that wait.
+// Per tile, S and dP go out as two commit groups, P is formed while dP runs; in dk/dv, dv's
+// product runs while dS^T is formed and dk's joins it before the tile's last wait. Register A
+// fragments stay pinned until the wait that covers their products.
 #include "common.cuh"
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -121,11 +122,11 @@ __device__ __forceinline__ void fa9_backward_dq(
         fa9_pin(dp);
         fa9_fence();
         fa9_issue_abt(s, sQ, tK);    // S = Q K^T
-        fa9_issue_abt(dp, sdO, tV);  // dP = dO V^T
         fa9_commit();
-        fa9_wait_all();
+        fa9_issue_abt(dp, sdO, tV);  // dP = dO V^T, running while P is formed
+        fa9_commit();
+        fa9_wait_1();
         fa9_pin(s);
-        fa9_pin(dp);
         // Rows past T: zero Q and dO rows, lse 0 and D 0, so dS = P (0 - 0) = 0; never stored.
         const bool diag = k0 + FA_TILE - 1 > row0;
 #pragma unroll
@@ -133,11 +134,15 @@ __device__ __forceinline__ void fa9_backward_dq(
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const bool masked = diag && k0 + 8 * n + 2 * t + (e & 1) > row0 + g + 8 * (e >> 1);
-                const float p =
-                    masked ? 0.0f : fa_exp2(fmaf(s[n][e], FA_SCALE_LOG2, -lse2[e >> 1]));
-                s[n][e] = p * (dp[n][e] - dd[e >> 1]);  // dS
+                s[n][e] = masked ? 0.0f : fa_exp2(fmaf(s[n][e], FA_SCALE_LOG2, -lse2[e >> 1]));
             }
         }
+        fa9_wait_all();
+        fa9_pin(dp);
+#pragma unroll
+        for (int n = 0; n < 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[n][e] *= dp[n][e] - dd[e >> 1];  // dS = P (dP - D)
         unsigned dsf[4][4];
         fa_c_to_a(dsf, s);
         fa9_pin(dq);
@@ -233,11 +238,11 @@ __device__ __forceinline__ void fa9_backward_dkdv(
         fa9_pin(dpt);
         fa9_fence();
         fa9_issue_abt(st, sK, tQ);    // S^T = K Q^T
-        fa9_issue_abt(dpt, sV, tdO);  // dP^T = V dO^T
         fa9_commit();
-        fa9_wait_all();
+        fa9_issue_abt(dpt, sV, tdO);  // dP^T = V dO^T, running while P^T is formed
+        fa9_commit();
+        fa9_wait_1();
         fa9_pin(st);
-        fa9_pin(dpt);
         // masked: a key after the query, or a query past T (its zero row would give P = 1)
         const bool edge = qs < key0 + 15 || qs + FA_TILE > T;
 #pragma unroll
@@ -258,6 +263,8 @@ __device__ __forceinline__ void fa9_backward_dkdv(
         fa9_fence();
         fa9_issue_ab(dv, pf, tdO);  // dv += P^T dO, running while dS^T is formed
         fa9_commit();
+        fa9_wait_1();  // dP^T (groups complete in order)
+        fa9_pin(dpt);
 #pragma unroll
         for (int n = 0; n < 8; n++) {
             const float2 d2 = *reinterpret_cast<const float2*>(tD + 8 * n + 2 * t);
