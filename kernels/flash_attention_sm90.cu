@@ -23,7 +23,6 @@
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #include "flash_attention_sm90.cuh"
 
-
 // S (64 x BC) = Q K^T for this warpgroup: q and k are the shared addresses of its 64 Q rows and
 // of the BC-key K tile. Waits for the result.
 template <int BC>
