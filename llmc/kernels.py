@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 FAMILIES = ("encoder", "layernorm", "matmul", "attention", "flash_attention", "flash_attention_bwd",
-            "flash_attention_sm90",
+            "flash_attention_sm90", "flash_attention_sm90_bwd",
             "gelu", "classifier", "adamw", "decode", "sampling", "fp8")
 DTYPES = ("bf16", "fp32")
 CHECK_ARCHS = ("sm_80", "sm_90a")

@@ -1,15 +1,16 @@
 """Causal flash attention kernels (llmc/ops/flash_attention.py) against the NumPy reference.
 
-Every forward check runs for both forward implementations: "sm80" (mma.sync, any device) and
-"sm90" (wgmma, skipped unless the device is compute capability 9.0); the backward runs from
-each forward's out and lse. Checks: out, lse and dqkv against
-llmc.model.reference.attention_forward/attention_backward (and a float64 log-sum-exp) evaluated in
-float64 on the bf16 values the kernels see; shapes with NH=12, HS=64, B=2..8 and T in
-{1, 17, 64, 100, 1024} (T=1, tiles not filled, 36 heads = two full head groups and a partial
-one; T=1000 on 12 heads, under one head group). Outputs and scratch are poisoned with NaN first.
-The forward and backward are bitwise identical across two runs. On the production shape (B=64,
-T=1024) the results are compared with PyTorch's scaled_dot_product_attention when torch with
-CUDA is importable. Every sm90 variant agrees with the sm80 forward. Argument validation.
+Every check runs for the (forward, backward) implementation pairs of IMPLS: "sm80" (mma.sync,
+any device) and "sm90" (wgmma, skipped unless the device is compute capability 9.0), each backward
+from that forward's out and lse (and the sm80 backward from the sm90 forward). Checks: out, lse
+and dqkv against llmc.model.reference.attention_forward/attention_backward (and a float64
+log-sum-exp) evaluated in float64 on the bf16 values the kernels see; shapes with NH=12, HS=64,
+B=2..8 and T in {1, 17, 64, 100, 1024} (T=1, tiles not filled, 36 heads = two full head groups and
+a partial one; T=1000 on 12 heads, under one head group). Outputs and scratch are poisoned with
+NaN first. The forward and backward are bitwise identical across two runs. On the production
+shape (B=64, T=1024) the results are compared with PyTorch's scaled_dot_product_attention when
+torch with CUDA is importable. Every sm90 forward variant agrees with the sm80 forward, the sm90
+backward with the sm80 backward. Argument validation.
 
 Run: pytest tests/test_flash_attention.py        (the gpu tests skip without a CUDA device)
 """
@@ -26,16 +27,17 @@ HS = 64
 NH = 12
 # (B, T): T=1, T below / at / not a multiple of the 64-row tiles, the GPT-2 length
 SHAPES = [(2, 1), (3, 17), (2, 64), (8, 100), (1, 1000), (2, 1024)]
-IMPLS = ["sm80", "sm90"]
+IMPLS = [("sm80", "sm80"), ("sm90", "sm80"), ("sm90", "sm90")]  # (forward, backward)
+IMPL_IDS = ["-".join(p) for p in IMPLS]
 REL = 1e-2  # norm-wise relative error allowed for bf16 outputs
 
 
-def need(impl):
+def need(*impls):
     """Skip an sm90 case on a device that is not compute capability 9.0."""
     import cupy
     cc = cupy.cuda.Device().compute_capability
-    if impl.startswith("sm90") and cc != "90":
-        pytest.skip(f"the sm90 (wgmma) forward needs compute capability 9.0, this device is {cc}")
+    if any(i.startswith("sm90") for i in impls) and cc != "90":
+        pytest.skip(f"the sm90 (wgmma) kernels need compute capability 9.0, this device is {cc}")
 
 
 def make_inputs(B, T, seed):
@@ -46,9 +48,9 @@ def make_inputs(B, T, seed):
     return qkv, dout
 
 
-def run(qkv_h, dout_h, impl="sm80"):
-    """Forward (by `impl`) and backward on freshly poisoned buffers; returns device (out, lse,
-    dqkv)."""
+def run(qkv_h, dout_h, impls=("sm80", "sm80")):
+    """Forward and backward (by impls = (forward, backward)) on freshly poisoned buffers; returns
+    device (out, lse, dqkv)."""
     import cupy
     from llmc.ops.flash_attention import (flash_attention_backward, flash_attention_forward,
                                           flash_scratch_shapes)
@@ -60,8 +62,8 @@ def run(qkv_h, dout_h, impl="sm80"):
     dqkv = poison(cupy.empty((B, T, 3 * C), dtype=BF16))
     scratch = {name: poison(cupy.empty(shape, dtype=dt))
                for name, (shape, dt) in flash_scratch_shapes(B, T, C, NH).items()}
-    flash_attention_forward(out, lse, qkv, NH, impl=impl)
-    flash_attention_backward(dqkv, dout, qkv, out, lse, NH, scratch)
+    flash_attention_forward(out, lse, qkv, NH, impl=impls[0])
+    flash_attention_backward(dqkv, dout, qkv, out, lse, NH, scratch, impl=impls[1])
     cupy.cuda.get_current_stream().synchronize()
     return out, lse, dqkv
 
@@ -79,13 +81,13 @@ def reference_lse(qkv, T):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impls", IMPLS, ids=IMPL_IDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B%dT%d" % s)
-def test_against_reference(shape, impl):
-    need(impl)
+def test_against_reference(shape, impls):
+    need(*impls)
     B, T = shape
     qkv_h, dout_h = make_inputs(B, T, seed=B * 1000 + T)
-    out, lse, dqkv = run(qkv_h, dout_h, impl)
+    out, lse, dqkv = run(qkv_h, dout_h, impls)
     qkv, dout = qkv_h.astype(np.float64), dout_h.astype(np.float64)
     out_ref, att = reference.attention_forward(qkv, NH)
     dqkv_ref = reference.attention_backward(dout, qkv, att, NH)
@@ -107,23 +109,23 @@ def test_against_reference(shape, impl):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", IMPLS)
-def test_bitwise_deterministic(impl):
+@pytest.mark.parametrize("impls", IMPLS, ids=IMPL_IDS)
+def test_bitwise_deterministic(impls):
     import cupy
-    need(impl)
+    need(*impls)
     qkv_h, dout_h = make_inputs(4, 300, seed=7)
-    first = run(qkv_h, dout_h, impl)
-    second = run(qkv_h, dout_h, impl)
+    first = run(qkv_h, dout_h, impls)
+    second = run(qkv_h, dout_h, impls)
     for name, a, b in zip(("out", "lse", "dqkv"), first, second):
         assert bool(cupy.array_equal(a.view(UINT[a.itemsize]), b.view(UINT[b.itemsize]))), \
             f"{name}: differs between two runs"
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", IMPLS)
-def test_against_torch_sdpa(impl):
+@pytest.mark.parametrize("impls", IMPLS, ids=IMPL_IDS)
+def test_against_torch_sdpa(impls):
     """Production shape B=64, T=1024: ours and PyTorch SDPA agree to bf16 accuracy."""
-    need(impl)
+    need(*impls)
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("torch has no CUDA")
@@ -132,7 +134,7 @@ def test_against_torch_sdpa(impl):
     B, T = 64, 1024
     C = NH * HS
     qkv_h, dout_h = make_inputs(B, T, seed=11)
-    out, lse, dqkv = run(qkv_h, dout_h, impl)
+    out, lse, dqkv = run(qkv_h, dout_h, impls)
 
     def as_torch(a):  # a device bf16 array seen by torch (raw bits through DLPack)
         return torch.from_dlpack(a.view(np.uint16)).view(torch.bfloat16)
@@ -183,12 +185,43 @@ def test_sm90_variants_match_sm80(variant, shape):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (3, 1000), (2, 1024)],
+                         ids=lambda s: "B%dT%d" % s)
+def test_sm90_backward_matches_sm80(shape):
+    """The wgmma backward's dq, dk, dv agree with the mma.sync backward's from the same forward
+    output (same math, fp32 accumulation in a different order) to bf16 accuracy."""
+    need("sm90")
+    B, T = shape
+    qkv_h, dout_h = make_inputs(B, T, seed=T + 9)
+    g80 = host(run(qkv_h, dout_h, ("sm80", "sm80"))[2]).astype(np.float64)
+    g90 = host(run(qkv_h, dout_h, ("sm80", "sm90"))[2]).astype(np.float64)
+    assert np.all(np.isfinite(g90)), "dqkv: unwritten or non-finite values"
+    C = NH * HS
+    for i, name in enumerate(("dq", "dk", "dv")):
+        a, b = g90[..., i * C:(i + 1) * C], g80[..., i * C:(i + 1) * C]
+        if T == 1 and name != "dv":  # both ~0 (see test_against_reference)
+            continue
+        assert_close(a, b, "bf16", f"{name} vs sm80", rel=REL)
+
+
+@pytest.mark.gpu
 def test_impl_selection(monkeypatch):
-    """None follows $LLMC_FLASH_IMPL, else the device; unknown names and sm90 off Hopper fail."""
+    """None follows $LLMC_FLASH_IMPL ($LLMC_FLASH_BWD_IMPL for the backward), else the device;
+    unknown names and sm90 off Hopper fail."""
     import cupy
     from llmc.ops import flash_attention as fa
     hopper = cupy.cuda.Device().compute_capability == "90"
     monkeypatch.delenv("LLMC_FLASH_IMPL", raising=False)
+    monkeypatch.delenv("LLMC_FLASH_BWD_IMPL", raising=False)
+    assert fa.resolve_bwd_impl("sm80") == "sm80"
+    assert fa.resolve_bwd_impl(None) == ("sm90" if hopper else "sm80")
+    monkeypatch.setenv("LLMC_FLASH_BWD_IMPL", "sm80")
+    assert fa.resolve_bwd_impl(None) == "sm80"
+    with pytest.raises(ValueError, match="impl"):
+        fa.resolve_bwd_impl("sm90:w1n128")
+    if not hopper:
+        with pytest.raises(ValueError, match="compute capability 9.0"):
+            fa.resolve_bwd_impl("sm90")
     assert fa.resolve_impl("sm80") == "sm80"
     assert fa.resolve_impl(None) == (f"sm90:{fa.SM90_DEFAULT}" if hopper else "sm80")
     monkeypatch.setenv("LLMC_FLASH_IMPL", "sm80")

@@ -1,9 +1,11 @@
 """Causal flash attention launchers: kernels/flash_attention.cu (forward),
-kernels/flash_attention_sm90.cu (the forward on Hopper, wgmma) and kernels/flash_attention_bwd.cu
-(backward). bf16 only, head size 64, no T x T matrix.
+kernels/flash_attention_bwd.cu (backward), and on Hopper kernels/flash_attention_sm90.cu and
+kernels/flash_attention_sm90_bwd.cu (the same, on wgmma). bf16 only, head size 64, no T x T
+matrix.
 
     flash_attention_forward(out (B,T,C) =, lse (B,NH,T) f32 =, qkv (B,T,3C), n_head, impl=None)
-    flash_attention_backward(dqkv (B,T,3C) =, dout (B,T,C), qkv, out, lse, n_head, scratch)
+    flash_attention_backward(dqkv (B,T,3C) =, dout (B,T,C), qkv, out, lse, n_head, scratch,
+                             impl=None)
     flash_scratch_shapes(B, T, C, NH) -> {"D": ((B, NH, T), float32)}
     flash_attention(qkv, n_head) -> out, lse ; flash_attention_grad(dout, qkv, out, lse, n_head)
         -> dqkv: the same, allocating outputs and scratch
@@ -21,8 +23,11 @@ Design (the kernels' opening comments have the details):
 - Forward implementation (`impl`): "sm80" (mma.sync, every device) or "sm90" (wgmma, compute
   capability 9.0 only, compiled for sm_90a); None takes $LLMC_FLASH_IMPL, else "sm90" on a 9.0
   device and "sm80" elsewhere. "sm90:<variant>" picks one of SM90_VARIANTS (warpgroups per block,
-  keys per tile) while the benchmark decides; both write the same out and lse, so the backward
-  is shared.
+  keys per tile) while the benchmark decides; both write the same out and lse, so either
+  backward takes either forward's.
+- Backward implementation (`impl` of the backward, resolve_bwd_impl): "sm80" or "sm90" (the same
+  two kernels on wgmma, one 64-row warpgroup per block); None takes $LLMC_FLASH_BWD_IMPL, else
+  "sm90" on a 9.0 device and "sm80" elsewhere.
 - W = 4 warps per block: the 8-warp variants measured slower on an H100 (forward 0.441 vs 0.419
   ms, backward 1.875 vs 1.487 ms at B=64, NH=12, T=1024) and were removed. Shared memory sizes
   below mirror the kernels' layouts.
@@ -46,6 +51,7 @@ _TILE_BYTES = TILE * HEAD_SIZE * 2
 _DEFAULT_SMEM = 48 * 1024  # above this a kernel must opt in to more dynamic shared memory
 
 IMPLS = ("sm80", "sm90")
+BWD_IMPLS = ("sm80", "sm90")
 SM90_VARIANTS = {"w1n128": (1, 128), "w2n64": (2, 64)}
 SM90_DEFAULT = "w1n128"  # H200, B=64: fwd 0.349 ms vs w2n64 0.364 and sm80 0.417
 
@@ -68,6 +74,11 @@ def _smem_bytes_sm90(warpgroups: int, keys: int) -> int:
     return warpgroups * 64 * 128 + 4 * keys * 128 + 1024
 
 
+def _smem_bytes_sm90_bwd(kind: str) -> int:
+    """Six 64-row tiles, D (dq: 64 floats) or lse and D double-buffered (dkdv: 256), 1 KiB slack."""
+    return 6 * _TILE_BYTES + (64 if kind == "dq" else 256) * 4 + 1024
+
+
 def _function(family: str, name: str, smem: int, all_shared: bool = False):
     import cupy
     key = (family, name, cupy.cuda.Device().id)
@@ -76,8 +87,8 @@ def _function(family: str, name: str, smem: int, all_shared: bool = False):
         k = kernels.function(family, name, "bf16")
         if smem > _DEFAULT_SMEM:
             k.max_dynamic_shared_size_bytes = smem
-        if all_shared:  # the sm90 forward: its blocks per SM are counted in shared memory, and
-            k.preferred_shared_memory_carveout = 100  # its loads bypass L1
+        if all_shared:  # the sm90 kernels: their blocks per SM are counted in shared memory, and
+            k.preferred_shared_memory_carveout = 100  # their tile loads bypass L1
         _kernels[key] = k
     return k
 
@@ -106,6 +117,22 @@ def resolve_impl(impl=None) -> str:
         raise ValueError(f"impl: {impl!r} needs a device of compute capability 9.0 (sm_90a "
                          f"wgmma), this one is {cc[:-1]}.{cc[-1:]}; use 'sm80'")
     return f"sm90:{variant or SM90_DEFAULT}"
+
+
+def resolve_bwd_impl(impl=None) -> str:
+    """The backward implementation to run: "sm80" or "sm90" (see the module docstring)."""
+    import cupy
+    if impl is None:
+        impl = os.environ.get("LLMC_FLASH_BWD_IMPL") or None
+    cc = cupy.cuda.Device().compute_capability
+    if impl is None:
+        return "sm90" if cc == "90" else "sm80"
+    if impl not in BWD_IMPLS:
+        raise ValueError(f"impl: expected a backward implementation of {BWD_IMPLS}, got {impl!r}")
+    if impl == "sm90" and cc != "90":
+        raise ValueError(f"impl: backward 'sm90' needs a device of compute capability 9.0 (sm_90a "
+                         f"wgmma), this one is {cc[:-1]}.{cc[-1:]}; use 'sm80'")
+    return impl
 
 
 def _check_qkv(qkv, n_head: int):
@@ -159,10 +186,11 @@ def flash_attention_forward(out, lse, qkv, n_head: int, impl=None):
     return out
 
 
-def flash_attention_backward(dqkv, dout, qkv, out, lse, n_head: int, scratch):
+def flash_attention_backward(dqkv, dout, qkv, out, lse, n_head: int, scratch, impl=None):
     """dqkv (B, T, 3C) bf16 `=` gradient of flash_attention_forward through dout (B, T, C).
 
-    out and lse are the forward's outputs; scratch is a dict of arrays as flash_scratch_shapes.
+    out and lse are the forward's outputs (of either forward implementation); scratch is a dict
+    of arrays as flash_scratch_shapes. impl: see resolve_bwd_impl.
     """
     B, T, C, NH = _check_qkv(qkv, n_head)
     check("dqkv", dqkv, (B, T, 3 * C), BF16)
@@ -176,11 +204,20 @@ def flash_attention_backward(dqkv, dout, qkv, out, lse, n_head: int, scratch):
         got = sorted(scratch) if isinstance(scratch, dict) else type(scratch).__name__
         raise ValueError(f"scratch: expected a dict with 'D' (see flash_scratch_shapes), got {got}")
     D = check("scratch['D']", scratch["D"], (B, NH, T), F32)
+    impl = resolve_bwd_impl(impl)
     w = WARPS
     if B * T == 0:
         return dqkv
     grid = B * NH * ceil_div(T, 16 * w)  # query tiles (dq) and key tiles (dkdv) are the same size
     sizes = (np.int32(B), np.int32(T), np.int32(NH))
+    if impl == "sm90":  # 64 rows a block as well: one warpgroup
+        for kind, args in (("dq", (dqkv, D, dout, qkv, out, lse)),
+                           ("dkdv", (dqkv, dout, qkv, lse, D))):
+            smem = _smem_bytes_sm90_bwd(kind)
+            k = _function("flash_attention_sm90_bwd", f"flash_attention_backward_{kind}_sm90", smem,
+                          all_shared=True)
+            k((grid,), (128,), args + sizes, shared_mem=smem)
+        return dqkv
     _kernel("flash_attention_bwd", "dq", w)(
         (grid,), (32 * w,), (dqkv, D, dout, qkv, out, lse) + sizes, shared_mem=_smem_bytes("dq", w))
     _kernel("flash_attention_bwd", "dkdv", w)(
@@ -204,9 +241,11 @@ def flash_attention(qkv, n_head: int, impl=None):
     return out, lse
 
 
-def flash_attention_grad(dout, qkv, out, lse, n_head: int):
-    """dqkv (B, T, 3C) bf16, a new array: the gradient of flash_attention through dout (B, T, C)."""
+def flash_attention_grad(dout, qkv, out, lse, n_head: int, impl=None):
+    """dqkv (B, T, 3C) bf16, a new array: the gradient of flash_attention through dout (B, T, C).
+    impl: the backward's, see resolve_bwd_impl."""
     B, T, C, NH = _check_qkv(qkv, n_head)
     scratch = {name: empty(shape, dt) for name, (shape, dt) in
                flash_scratch_shapes(B, T, C, NH).items()}
-    return flash_attention_backward(empty((B, T, 3 * C), BF16), dout, qkv, out, lse, NH, scratch)
+    return flash_attention_backward(empty((B, T, 3 * C), BF16), dout, qkv, out, lse, NH, scratch,
+                                    impl=impl)
