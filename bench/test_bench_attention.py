@@ -1,6 +1,7 @@
-"""Causal self-attention at GPT-2 124M: B=64, NH=12, T=1024, HS=64 (C=768), bf16.
+"""Causal self-attention at GPT-2 124M: B=64 and B=16, NH=12, T=1024, HS=64 (C=768), bf16.
 
-Timed in one process: llmc's flash kernels, the "matmul"
+Timed in one process: llmc's flash kernels (the device's default: the wgmma kernels on
+Hopper; "flash_sm80" forces the mma.sync ones), the "matmul"
 method of llmc.ops.attention (cuBLAS products + our softmax, a T x T matrix per head), and PyTorch
 scaled_dot_product_attention(is_causal=True) with the FlashAttention-2 backend and the cuDNN
 backend as peers. Forward, and forward + backward (dqkv `=` from dout). FLOPs are counted causal,
@@ -18,12 +19,15 @@ from bench.timing import cuda_time, device_randn, record, to_host, torch_peer
 from llmc.model import reference
 from tests.tolerances import assert_close
 
-B, NH, T, HS = 64, 12, 1024, 64
+NH, T, HS = 12, 1024, 64
 C = NH * HS
 BF16 = np.dtype(ml_dtypes.bfloat16)
-FWD_FLOPS = 2 * B * NH * T * T * HS
-FLOPS = {"forward": FWD_FLOPS, "forward_backward": int(3.5 * FWD_FLOPS)}
-METHODS = ["flash", "matmul"]
+METHODS = ["flash", "flash_sm80", "matmul"]
+
+
+def flops(B: int, direction: str) -> int:
+    forward = 2 * B * NH * T * T * HS
+    return forward if direction == "forward" else int(3.5 * forward)
 
 
 def check_small():
@@ -44,7 +48,7 @@ def check_small():
                  "bf16", "dqkv", rel=1e-2)
 
 
-def sdpa(backend_name: str, train: bool):
+def sdpa(backend_name: str, train: bool, B: int):
     """make() for torch_peer: SDPA on contiguous (B, NH, T, HS) bf16 q, k, v with one backend."""
     def make():
         import torch
@@ -68,12 +72,16 @@ def sdpa(backend_name: str, train: bool):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("B", [64, 16])
 @pytest.mark.parametrize("direction", ["forward", "forward_backward"])
 @pytest.mark.parametrize("method", METHODS)
-def test_bench_attention(benchmark, method, direction):
+def test_bench_attention(benchmark, method, direction, B):
     import cupy
     from llmc.ops import attention as attn
     from llmc.ops import flash_attention as fa
+    if method == "matmul" and B != 64:
+        pytest.skip("the matmul method is timed at B=64 only")
+    impl = "sm80" if method == "flash_sm80" else None
     qkv = device_randn((B, T, 3 * C), BF16, seed=1)
     dout = device_randn((B, T, C), BF16, seed=2)
     out, dqkv = cupy.empty((B, T, C), BF16), cupy.empty((B, T, 3 * C), BF16)
@@ -94,22 +102,25 @@ def test_bench_attention(benchmark, method, direction):
         scratch = {k: cupy.empty(s, d) for k, (s, d) in spec.items()}
 
         def fwd():
-            fa.flash_attention_forward(out, lse, qkv, NH)
+            fa.flash_attention_forward(out, lse, qkv, NH, impl=impl)
 
         def bwd():
-            fa.flash_attention_backward(dqkv, dout, qkv, out, lse, NH, scratch)
+            fa.flash_attention_backward(dqkv, dout, qkv, out, lse, NH, scratch, impl=impl)
 
     def both():
         fwd()
         bwd()
     fn = fwd if direction == "forward" else both
     fn()
-    ms = record(benchmark, fn, flops=FLOPS[direction])
+    info["B"] = B
+    if method != "matmul":
+        info["impl"] = f"{fa.resolve_impl(impl)} / {fa.resolve_bwd_impl(impl)}"
+    ms = record(benchmark, fn, flops=flops(B, direction))
     assert np.all(np.isfinite(to_host(out[0, :4]))), "out went non-finite while timing"
     if direction == "forward_backward":
         assert np.all(np.isfinite(to_host(dqkv[0, :4]))), "dqkv went non-finite while timing"
         info["backward_ms"] = round(cuda_time(bwd), 4)
     if method != "matmul":
         train = direction == "forward_backward"
-        torch_peer(info, "sdpa_flash2", sdpa("FLASH_ATTENTION", train), ms)
-        torch_peer(info, "sdpa_cudnn", sdpa("CUDNN_ATTENTION", train), ms)
+        torch_peer(info, "sdpa_flash2", sdpa("FLASH_ATTENTION", train, B), ms)
+        torch_peer(info, "sdpa_cudnn", sdpa("CUDNN_ATTENTION", train, B), ms)
