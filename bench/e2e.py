@@ -234,7 +234,7 @@ def run_llmc(args, mc, B, recompute, graphs, fp8=False):
         setup += f", fp8 wgrad {args.fp8_wgrad}, fast accum {args.fp8_fast_accum}"
     out = timed_run(name, r, args, mc, setup, B)
     if r.model.graph_failure:
-        print(f"{name}: graph capture failed: {r.model.graph_failure}", file=sys.stderr)
+        print(f"{name}: no CUDA graphs: {r.model.graph_failure}", file=sys.stderr)
     out.update(B=B, recompute=recompute, graphs=r.model.graphs, attention=r.model.attention,
                fp8=fp8)
     if fp8:

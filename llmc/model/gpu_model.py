@@ -53,7 +53,7 @@ Design:
   Replays are bitwise the eager step (tests/test_gpu_train.py). Under data parallelism the
   last micro-step (which starts the gradient reductions from `on_layer_grads`) stays eager.
   The matmul attention method (fp32, or bf16 when chosen) calls CuPy's cuBLAS, which refuses
-  stream capture: it runs eager. Measured on an H200 at d12: 0.57 ms of idle GPU removed from
+  stream capture: such a model runs eager from the start (graph_failure says why, no warning). Measured on an H200 at d12: 0.57 ms of idle GPU removed from
   a 31.9 ms step at B=16 (513K -> 522K tokens/s), 0.61 ms at B=64.
 
 Shapes: B batch, T time, C channels, NH heads, L layers, N = B*T, V / Vp (padded) vocabulary.
@@ -134,6 +134,11 @@ class GPUModel:
                              "cast of its output; leave gelu_epilogue off")
         self.gelu_epilogue = bool(gelu_epilogue)
         self.graph_failure = None    # why capture failed (graphs are then off), or None
+        if self.graphs and self.attention == "matmul":
+            # its batched products go through CuPy's cuBLAS, which refuses stream capture
+            self.graphs = False
+            self.graph_failure = ("the matmul attention method (CuPy's cuBLAS) cannot be "
+                                  "captured; eager launches")
         self._graphs = {}            # loss_scale -> cupy.cuda.Graph of one micro-step
         self._eager_done = set()     # loss_scales whose first micro-step ran eagerly
         self._capture_stream = None
