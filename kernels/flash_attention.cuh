@@ -211,3 +211,34 @@ __device__ __forceinline__ int2 fa_schedule(int n_bh, int n_tiles) {
     const int r = blockIdx.x - group * per_group;
     return make_int2(first + r % size, r / size);
 }
+
+// The backward's D = rowsum(dO * O) for a block's BR query rows from q0, read straight from
+// global memory (both kernels of each backward call it while their first tiles load): 8 lanes a
+// row, 16 bytes each, a fixed shuffle tree, so the same bits everywhere. Rows past T get 0.
+// dout_rows / out_rows point at row 0 of this (batch, head); D_head at D[b, h, 0]; sD (BR floats)
+// receives every row's value, D_head only the rows < T.
+template <int BR, int NT>
+__device__ __forceinline__ void fa_rowdot_D(float* sD, float* __restrict__ D_head,
+                                            const bf16* __restrict__ dout_rows,
+                                            const bf16* __restrict__ out_rows, int C, int q0,
+                                            int T) {
+#pragma unroll
+    for (int j = 0; j < BR * 8 / NT; j++) {
+        const int i = threadIdx.x + j * NT;
+        const int r = i >> 3, c = i & 7;
+        float d = 0.0f;
+        if (q0 + r < T) {
+            const Packed128<bf16> a = load128(dout_rows + (long long)r * C + c * 8);
+            const Packed128<bf16> o = load128(out_rows + (long long)r * C + c * 8);
+#pragma unroll
+            for (int k = 0; k < 8; k++) d = fmaf(to_float(a[k]), to_float(o[k]), d);
+        }
+        d += __shfl_xor_sync(0xffffffffu, d, 1);
+        d += __shfl_xor_sync(0xffffffffu, d, 2);
+        d += __shfl_xor_sync(0xffffffffu, d, 4);
+        if (c == 0) {
+            sD[r] = d;
+            if (q0 + r < T) D_head[q0 + r] = d;
+        }
+    }
+}

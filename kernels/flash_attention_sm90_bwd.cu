@@ -64,27 +64,8 @@ __device__ __forceinline__ void fa9_backward_dq(
     fa_load_tile<FA_TILE, NT>(sV, v_src, stride, T);
     fa_cp_async_commit();
 
-    // D for the block's rows straight from global while the tiles load: 8 lanes a row, 16 bytes
-    // each, a fixed shuffle tree. Rows past T get 0.
-#pragma unroll
-    for (int j = 0; j < BR * 8 / NT; j++) {
-        const int i = threadIdx.x + j * NT;
-        const int r = i >> 3, c = i & 7;
-        float d = 0.0f;
-        if (q0 + r < T) {
-            const Packed128<bf16> a = load128(dout + row_do + (long long)r * C + c * 8);
-            const Packed128<bf16> o = load128(out + row_do + (long long)r * C + c * 8);
-#pragma unroll
-            for (int k = 0; k < 8; k++) d = fmaf(to_float(a[k]), to_float(o[k]), d);
-        }
-        d += __shfl_xor_sync(0xffffffffu, d, 1);
-        d += __shfl_xor_sync(0xffffffffu, d, 2);
-        d += __shfl_xor_sync(0xffffffffu, d, 4);
-        if (c == 0) {
-            sD[r] = d;
-            if (q0 + r < T) D[(long long)bh * T + q0 + r] = d;
-        }
-    }
+    // D for the block's rows straight from global while the tiles load
+    fa_rowdot_D<BR, NT>(sD, D + (long long)bh * T, dout + row_do, out + row_do, C, q0, T);
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane >> 2, t = lane & 3;
