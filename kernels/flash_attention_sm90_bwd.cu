@@ -142,11 +142,6 @@ __device__ __forceinline__ void fa9_backward_dq(
                           base);
 }
 
-// NBUF query-tile buffers: 2, or 3 with dk's product left running into the next tile (it reads
-// buffer j % 3 while tile j + 2 loads into another): the next S^T and dP^T queue behind it and
-// its wait moves to after their issue, so the tensor cores do not drain at the tile boundary.
-// The same products in the same order either way: the same bits.
-template <int NBUF>
 __device__ __forceinline__ void fa9_backward_dkdv(
         bf16* __restrict__ dqkv, const bf16* __restrict__ dout,
         const bf16* __restrict__ qkv, const float* __restrict__ lse,
@@ -170,15 +165,14 @@ __device__ __forceinline__ void fa9_backward_dkdv(
     const float* lse_src = lse + (long long)bh * T;
     const float* d_src = D + (long long)bh * T;
 
-    // shared, from a 1024-byte boundary: K, V (reused to stage dk, dv), Q[NBUF], dO[NBUF] (64
-    // rows each), lse[NBUF], D[NBUF] (64 floats each)
-    static_assert(NBUF == 2 || NBUF == 3, "two or three query-tile buffers");
+    // shared, from a 1024-byte boundary: K, V (reused to stage dk, dv), Q[2], dO[2] (64 rows
+    // each), lse[2], D[2] (64 floats each)
     const unsigned raw = fa_smem_u32(fa_smem);
     const unsigned sK = (raw + 1023u) & ~1023u;
     unsigned char* base = fa_smem + (sK - raw);
     const unsigned sV = sK + FA_TILE_BYTES, sQ = sV + FA_TILE_BYTES;
-    const unsigned sdO = sQ + NBUF * FA_TILE_BYTES;
-    const unsigned sL = sdO + NBUF * FA_TILE_BYTES, sDD = sL + NBUF * FA_TILE * 4;
+    const unsigned sdO = sQ + 2 * FA_TILE_BYTES;
+    const unsigned sL = sdO + 2 * FA_TILE_BYTES, sDD = sL + 2 * FA_TILE * 4;
     const float* fL = reinterpret_cast<const float*>(base + (sL - sK));
     const float* fD = reinterpret_cast<const float*>(base + (sDD - sK));
 
@@ -199,16 +193,13 @@ __device__ __forceinline__ void fa9_backward_dkdv(
         dk[n][0] = dk[n][1] = dk[n][2] = dk[n][3] = 0.0f;
         dv[n][0] = dv[n][1] = dv[n][2] = dv[n][3] = 0.0f;
     }
-    unsigned dsf[4][4];  // dS^T as A fragments; with NBUF = 3 read by dk's product in flight
 
     for (int j = 0; j < n_qt; j++) {
         fa_cp_async_wait_all();
         fa9_fence_proxy_async();
-        // Query tile j visible to all; the products of tile j + 1 - NBUF (the buffer loaded
-        // next) have completed in every warp.
-        __syncthreads();
+        __syncthreads();  // query tile j visible to all; tile j - 1's products have completed
         if (j + 1 < n_qt) {
-            const int q1 = k0 + (j + 1) * FA_TILE, buf = (j + 1) % NBUF;
+            const int q1 = k0 + (j + 1) * FA_TILE, buf = (j + 1) & 1;
             const unsigned off = buf * FA_TILE_BYTES;
             fa_load_tile<FA_TILE, NT>(sQ + off, q_src + q1 * stride, stride, T - q1);
             fa_load_tile<FA_TILE, NT>(sdO + off, do_src + (long long)q1 * C, C, T - q1);
@@ -217,7 +208,7 @@ __device__ __forceinline__ void fa9_backward_dkdv(
             fa_cp_async_commit();
         }
         const int qs = k0 + j * FA_TILE;  // first query of the tile
-        const int buf = j % NBUF;
+        const int buf = j & 1;
         const unsigned tQ = sQ + buf * FA_TILE_BYTES, tdO = sdO + buf * FA_TILE_BYTES;
         const float* tL = fL + buf * FA_TILE;
         const float* tD = fD + buf * FA_TILE;
@@ -231,12 +222,8 @@ __device__ __forceinline__ void fa9_backward_dkdv(
         fa9_commit();
         fa9_issue_abt(dpt, sV, tdO);  // dP^T = V dO^T, running while P^T is formed
         fa9_commit();
-        fa9_wait_1();  // S^T (and with NBUF = 3 the previous tile's dk)
+        fa9_wait_1();
         fa9_pin(st);
-        if constexpr (NBUF == 3) {
-            fa9_pin(dk);
-            fa9_pin_a(dsf);
-        }
         // masked: a key after the query, or a query past T (its zero row would give P = 1)
         const bool edge = qs < key0 + 15 || qs + FA_TILE > T;
 #pragma unroll
@@ -251,7 +238,7 @@ __device__ __forceinline__ void fa9_backward_dkdv(
                     masked ? 0.0f : fa_exp2(fmaf(st[n][e], FA_SCALE_LOG2, -lse_q * FA_LOG2E));
             }
         }
-        unsigned pf[4][4];
+        unsigned pf[4][4], dsf[4][4];
         fa_c_to_a(pf, st);
         fa9_pin(dv);
         fa9_fence();
@@ -271,21 +258,10 @@ __device__ __forceinline__ void fa9_backward_dkdv(
         fa9_fence();
         fa9_issue_ab(dk, dsf, tQ);  // dk += dS^T Q (scaled at the end)
         fa9_commit();
-        if constexpr (NBUF == 3) {
-            fa9_wait_1();  // dv; dk runs on into the next tile
-            fa9_pin(dv);
-            fa9_pin_a(pf);
-        } else {
-            fa9_wait_all();
-            fa9_pin(dv);
-            fa9_pin(dk);
-            fa9_pin_a(pf);
-            fa9_pin_a(dsf);
-        }
-    }
-    if constexpr (NBUF == 3) {
         fa9_wait_all();
+        fa9_pin(dv);
         fa9_pin(dk);
+        fa9_pin_a(pf);
         fa9_pin_a(dsf);
     }
 
@@ -300,11 +276,11 @@ __device__ __forceinline__ void fa9_backward_dkdv(
 
 // The entry points exist for every arch (one source), but only sm_90a has a body.
 #define FA9_BWD_DQ() fa9_backward_dq(dqkv, D, dout, qkv, out, lse, B, T, NH)
-#define FA9_BWD_DKDV(NBUF) fa9_backward_dkdv<NBUF>(dqkv, dout, qkv, lse, D, B, T, NH)
+#define FA9_BWD_DKDV() fa9_backward_dkdv(dqkv, dout, qkv, lse, D, B, T, NH)
 #else
 typedef __nv_bfloat16 bf16;
 #define FA9_BWD_DQ() __trap()  // never launched off sm_90a (the launcher checks)
-#define FA9_BWD_DKDV(NBUF) __trap()
+#define FA9_BWD_DKDV() __trap()
 #endif
 
 // Shared memory per block: 6 tiles of 64 rows (8 KiB each) + 64 floats (dq) or 256 (dk/dv),
@@ -323,15 +299,5 @@ extern "C" __global__ void __launch_bounds__(128, 3)
 flash_attention_backward_dkdv_sm90(bf16* __restrict__ dqkv, const bf16* __restrict__ dout,
                                    const bf16* __restrict__ qkv, const float* __restrict__ lse,
                                    const float* __restrict__ D, int B, int T, int NH) {
-    FA9_BWD_DKDV(2);
-}
-
-// Variant while the benchmark decides ("sm90:q3"): three query-tile buffers, dk's product
-// overlapping the next tile. Its dk and dS^T stay live into the next tile's S^T and dP^T: 192
-// registers, so 2 blocks per SM (at 168 ptxas serializes every wgmma for want of registers).
-extern "C" __global__ void __launch_bounds__(128, 2)
-flash_attention_backward_dkdv_sm90_q3(bf16* __restrict__ dqkv, const bf16* __restrict__ dout,
-                                      const bf16* __restrict__ qkv, const float* __restrict__ lse,
-                                      const float* __restrict__ D, int B, int T, int NH) {
-    FA9_BWD_DKDV(3);
+    FA9_BWD_DKDV();
 }

@@ -22,13 +22,12 @@ Design (the kernels' opening comments have the details):
 - Blocks are ordered by head groups of 16, the longest tiles of each group first.
 - Forward implementation (`impl`): "sm80" (mma.sync, every device) or "sm90" (wgmma, compute
   capability 9.0 only, compiled for sm_90a); None takes $LLMC_FLASH_IMPL, else "sm90" on a 9.0
-  device and "sm80" elsewhere. "sm90:<variant>" picks one of SM90_VARIANTS (warpgroups per block,
-  keys per tile) while the benchmark decides; both write the same out and lse, so either
-  backward takes either forward's.
+  device and "sm80" elsewhere. "sm90:<variant>" names one of SM90_VARIANTS (warpgroups per block,
+  keys per tile; one is left: bench/test_bench_attention.py and docs/RESULTS.md say which others
+  lost). Both forwards write the same out and lse, so either backward takes either forward's.
 - Backward implementation (`impl` of the backward, resolve_bwd_impl): "sm80" or "sm90" (the same
   two kernels on wgmma, one 64-row warpgroup per block); None takes $LLMC_FLASH_BWD_IMPL, else
-  "sm90" on a 9.0 device and "sm80" elsewhere. "sm90:<variant>" picks one of SM90_BWD_VARIANTS
-  (query-tile buffers of the dk/dv kernel) while the benchmark decides.
+  "sm90" on a 9.0 device and "sm80" elsewhere.
 - W = 4 warps per block: the 8-warp variants measured slower on an H100 (forward 0.441 vs 0.419
   ms, backward 1.875 vs 1.487 ms at B=64, NH=12, T=1024) and were removed. Shared memory sizes
   below mirror the kernels' layouts.
@@ -53,13 +52,8 @@ _DEFAULT_SMEM = 48 * 1024  # above this a kernel must opt in to more dynamic sha
 
 IMPLS = ("sm80", "sm90")
 BWD_IMPLS = ("sm80", "sm90")
-# forward: (warpgroups per block, keys per tile); "p": S of tile j issued with P V of tile j - 1,
-# the softmax overlapping that product (w2n64, 0.364 ms, was removed for it)
-SM90_VARIANTS = {"w1n128": (1, 128), "w1n128p": (1, 128)}
-SM90_DEFAULT = "w1n128"  # H200, B=64: fwd 0.349 ms vs w2n64 0.364 and sm80 0.417
-# backward: query-tile buffers of the dk/dv kernel; "q3": dk's product runs into the next tile
-SM90_BWD_VARIANTS = {"q2": 2, "q3": 3}
-SM90_BWD_DEFAULT = "q2"  # resolves to plain "sm90"
+SM90_VARIANTS = {"w1n128": (1, 128)}  # (warpgroups, keys per tile); the others measured slower
+SM90_DEFAULT = "w1n128"  # H200, B=64: fwd 0.349-0.353 ms, sm80 0.417-0.421
 
 _kernels: dict = {}  # (family, name, device) -> RawKernel with its shared-memory limit raised
 
@@ -80,12 +74,9 @@ def _smem_bytes_sm90(warpgroups: int, keys: int) -> int:
     return warpgroups * 64 * 128 + 4 * keys * 128 + 1024
 
 
-def _smem_bytes_sm90_bwd(kind: str, nbuf: int = 2) -> int:
-    """dq: six 64-row tiles and D (64 floats); dkdv: K, V, nbuf Q and dO tiles, nbuf lse and D
-    rows (64 floats each); 1 KiB slack."""
-    if kind == "dq":
-        return 6 * _TILE_BYTES + 64 * 4 + 1024
-    return (2 + 2 * nbuf) * _TILE_BYTES + 2 * nbuf * 64 * 4 + 1024
+def _smem_bytes_sm90_bwd(kind: str) -> int:
+    """Six 64-row tiles, D (dq: 64 floats) or lse and D double-buffered (dkdv: 256), 1 KiB slack."""
+    return 6 * _TILE_BYTES + (64 if kind == "dq" else 256) * 4 + 1024
 
 
 def _function(family: str, name: str, smem: int, all_shared: bool = False):
@@ -129,26 +120,19 @@ def resolve_impl(impl=None) -> str:
 
 
 def resolve_bwd_impl(impl=None) -> str:
-    """The backward implementation to run: "sm80", "sm90" (the default sm90 kernels) or
-    "sm90:<variant>" of SM90_BWD_VARIANTS other than the default (see the module docstring)."""
+    """The backward implementation to run: "sm80" or "sm90" (see the module docstring)."""
     import cupy
     if impl is None:
         impl = os.environ.get("LLMC_FLASH_BWD_IMPL") or None
     cc = cupy.cuda.Device().compute_capability
     if impl is None:
         return "sm90" if cc == "90" else "sm80"
-    base, _, variant = str(impl).partition(":")
-    if base not in BWD_IMPLS or (base == "sm80" and variant) or \
-            (variant and variant not in SM90_BWD_VARIANTS):
-        raise ValueError(f"impl: expected a backward implementation of {BWD_IMPLS} or "
-                         f"'sm90:<variant>' with a variant of {sorted(SM90_BWD_VARIANTS)}, got "
-                         f"{impl!r}")
-    if base == "sm90" and cc != "90":
-        raise ValueError(f"impl: backward {impl!r} needs a device of compute capability 9.0 "
-                         f"(sm_90a wgmma), this one is {cc[:-1]}.{cc[-1:]}; use 'sm80'")
-    if base == "sm80" or variant in ("", SM90_BWD_DEFAULT):
-        return base
-    return f"sm90:{variant}"
+    if impl not in BWD_IMPLS:
+        raise ValueError(f"impl: expected a backward implementation of {BWD_IMPLS}, got {impl!r}")
+    if impl == "sm90" and cc != "90":
+        raise ValueError(f"impl: backward 'sm90' needs a device of compute capability 9.0 (sm_90a "
+                         f"wgmma), this one is {cc[:-1]}.{cc[-1:]}; use 'sm80'")
+    return impl
 
 
 def _check_qkv(qkv, n_head: int):
@@ -226,16 +210,12 @@ def flash_attention_backward(dqkv, dout, qkv, out, lse, n_head: int, scratch, im
         return dqkv
     grid = B * NH * ceil_div(T, 16 * w)  # query tiles (dq) and key tiles (dkdv) are the same size
     sizes = (np.int32(B), np.int32(T), np.int32(NH))
-    if impl != "sm80":  # 64 rows a block as well: one warpgroup
-        variant = impl.partition(":")[2]
-        nbuf = SM90_BWD_VARIANTS[variant or SM90_BWD_DEFAULT]
+    if impl == "sm90":  # 64 rows a block as well: one warpgroup
         for kind, args in (("dq", (dqkv, D, dout, qkv, out, lse)),
                            ("dkdv", (dqkv, dout, qkv, lse, D))):
-            smem = _smem_bytes_sm90_bwd(kind, nbuf)
-            name = f"flash_attention_backward_{kind}_sm90"
-            if kind == "dkdv" and variant:
-                name += f"_{variant}"
-            k = _function("flash_attention_sm90_bwd", name, smem, all_shared=True)
+            smem = _smem_bytes_sm90_bwd(kind)
+            k = _function("flash_attention_sm90_bwd", f"flash_attention_backward_{kind}_sm90", smem,
+                          all_shared=True)
             k((grid,), (128,), args + sizes, shared_mem=smem)
         return dqkv
     _kernel("flash_attention_bwd", "dq", w)(
