@@ -12,7 +12,10 @@ matmul_forward/backward: out = inp @ weight.T + bias, dinp =, dweight += and dbi
 random initial values, with and without bias, (N, C) and (B, T, C) inputs, and the backward
 with the GELU fused (pre_gelu: dinp = (dout @ weight) * gelu'(pre_gelu)); dbias is bitwise
 deterministic. Shapes: GPT-2's (B=4, T=1024, C=768 -> 2304 and 3072, 3072 -> 768), N=1, C=96,
-OC not a multiple of a block's columns. Argument validation.
+OC not a multiple of a block's columns. Argument validation. The fc product with GELU_AUX_BIAS
+(out = gelu, pre_gelu = the product + bias). Algorithm tuning (LLMC_MATMUL_TUNE=1): a tuned
+beta = 1 product still accumulates once, the choice lands in the cache file, and a fresh process
+state takes the file's choice instead of timing.
 
 Run: pytest tests/test_matmul.py        (the gpu tests skip without a CUDA device)
 """
