@@ -14,8 +14,9 @@ the highest `memory.used` nvidia-smi reports for any of the run's GPUs while it 
 context, CuPy pool, cuBLAS and NCCL buffers: what the run takes from the card), polled every
 0.5 s. The 1-GPU run is the same command with --nproc-per-node 1 (no NCCL).
 
-Prints a table and writes <out>/scaling.json. Needs as many GPUs as the largest --gpus entry;
-larger entries are skipped with a note.
+Prints a table and writes <out>/scaling.json (a failed configuration is listed under "failed"
+and the others still run; exit 1 then). Needs as many GPUs as the largest --gpus entry; larger
+entries are skipped with a note.
 """
 from __future__ import annotations
 
@@ -127,13 +128,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     have = gpu_count()
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="llmc_scaling_"))
-    results = []
+    results, failed = [], []
     for world in args.gpus:
         if world > have:
             print(f"skipping {world} GPUs: only {have} on this machine", flush=True)
             continue
         for zero in (args.zero if world > 1 else [0]):
-            res = run_one(args, world, zero, out / f"w{world}_zero{zero}")
+            try:
+                res = run_one(args, world, zero, out / f"w{world}_zero{zero}")
+            except SystemExit as e:  # one failed configuration leaves the others measured
+                print(e, file=sys.stderr, flush=True)
+                failed.append({"gpus": world, "zero": zero, "error": str(e)[:300]})
+                continue
             results.append(res)
             print(f"W={world} zero={zero}: {res['tokens_per_s']:,.0f} tok/s, "
                   f"{res['mem_gb_per_gpu']:.1f} GB/GPU ({res['wall_s']:.0f} s)", flush=True)
@@ -149,10 +155,12 @@ def main(argv=None) -> int:
         print(f"{r['gpus']:>4} {r['zero']:>4} {r['tokens_per_s']:>12,.0f} "
               f"{r['tokens_per_s'] / r['gpus']:>10,.0f} {r['step_ms']:>8.1f} {eff:>10} "
               f"{r['mem_gb_per_gpu']:>7.1f}")
+    for f in failed:
+        print(f"{f['gpus']:>4} {f['zero']:>4} failed: {f['error'].splitlines()[0]}")
     (out / "scaling.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items()},
-                                                  "results": results}, indent=1))
+                                                  "results": results, "failed": failed}, indent=1))
     print(f"\nwrote {out / 'scaling.json'}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
