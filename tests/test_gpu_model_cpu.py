@@ -10,6 +10,10 @@ Two checks, each in a fresh subprocess (the stand-in replaces `cupy` in sys.modu
   alignment, scratch sizes) with only the kernel launches and the cuBLAS / cuBLASLt calls
   stubbed, for bf16 flash/matmul, fp32, recompute, uneven classifier chunks, a ZeRO shard and
   the optimizer state.
+- cublaslt: llmc.cuda.cublaslt and cublaslt_fp8 against a stand-in libcublasLt that records
+  every descriptor attribute, layout and launch: transposes, epilogue, bias / aux pointers (set
+  again when they move, no new plan), the fp8 layouts' data types, the scale pointers crossed
+  over to cuBLASLt's A (our b) and B (our a), fast accumulation, and the argument checks.
 This checks how GPUModel composes the ops, not the kernels (tests/test_gpu_*.py do, on a GPU).
 
 Run: python -m pytest tests/test_gpu_model_cpu.py -q
@@ -38,6 +42,10 @@ def test_wiring_matches_cpu_model():
 
 def test_real_launchers_accept_the_arguments():
     _run("launchers")
+
+
+def test_cublaslt_plans_with_a_recording_library():
+    _run("cublaslt")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,6 +107,7 @@ def install_fake_cupy():
     cp.ndarray = FakeArray
     cp.empty = lambda shape, dtype=np.float32: _aligned(shape, dtype, None)
     cp.zeros = lambda shape, dtype=np.float32: _aligned(shape, dtype, 0)
+    cp.ones = lambda shape, dtype=np.float32: _aligned(shape, dtype, 1)
 
     def asarray(x):
         x = np.asarray(x)
@@ -116,6 +125,9 @@ def install_fake_cupy():
 
         def synchronize(self):
             pass
+
+        def is_capturing(self):
+            return False
     cp.cuda = types.SimpleNamespace(get_current_stream=lambda: Stream(), Device=lambda: _Dev(),
                                     device=types.SimpleNamespace(get_cublas_handle=lambda: 0))
     sys.modules["cupy"] = cp
@@ -361,6 +373,128 @@ def check_launchers():
     print("OK")
 
 
+# ---------------------------------------------------------------------------------------------
+# mode "cublaslt": the plan bookkeeping against a recording stand-in library
+
+class RecordingLt:
+    """libcublasLt's calls that llmc.cuda.cublaslt makes; descriptors and layouts are ids."""
+
+    def __init__(self):
+        self.next_id, self.attrs, self.layouts, self.launches = 1, {}, {}, []
+
+    def _new(self, ref):
+        ref._obj.value = self.next_id
+        self.next_id += 1
+        return ref._obj.value
+
+    def cublasLtCreate(self, ref):
+        self._new(ref)
+        return 0
+
+    def cublasLtMatmulDescCreate(self, ref, compute, scale):
+        self.attrs[self._new(ref)] = {}
+        return 0
+
+    def cublasLtMatmulDescSetAttribute(self, desc, attr, ref, size):
+        self.attrs[desc.value if hasattr(desc, "value") else desc][attr] = ref._obj.value
+        return 0
+
+    def cublasLtMatrixLayoutCreate(self, ref, dtype, rows, cols, ld):
+        self.layouts[self._new(ref)] = (dtype, rows, cols, ld)
+        return 0
+
+    def cublasLtMatmulPreferenceCreate(self, ref):
+        self._new(ref)
+        return 0
+
+    def cublasLtMatmulPreferenceSetAttribute(self, *a):
+        return 0
+
+    def cublasLtMatmulPreferenceDestroy(self, *a):
+        return 0
+
+    def cublasLtMatmulAlgoGetHeuristic(self, handle, desc, la, lb, lc, ld, pref, n, results,
+                                       count):
+        for i in range(2):
+            results[i].state, results[i].workspaceSize = 0, 0
+            results[i].algo.data[0] = 100 + i
+        count._obj.value = 2
+        return 0
+
+    def cublasLtMatmul(self, handle, desc, alpha, b, la, a, lb, beta, c, lc, d, ld, algo, ws,
+                       ws_bytes, stream):
+        self.launches.append((desc.value if hasattr(desc, "value") else desc, a, b, c))
+        return 0
+
+
+def check_cublaslt():
+    import os
+    import pytest
+    os.environ["LLMC_MATMUL_TUNE"] = "0"  # no timing: the stand-in has no events
+    cp = install_fake_cupy()
+    from llmc.cuda import cublaslt as lt
+    from llmc.cuda import cublaslt_fp8
+    from llmc.ops import BF16
+    rec = RecordingLt()
+    lt._lib = lambda: rec
+    dev = lt._device(0)
+
+    def arr(*shape, dtype=BF16):
+        return cp.zeros(shape, dtype)
+
+    def plan_desc():
+        return list(dev.plans.values())[-1].desc.value
+
+    # bf16 forward with bias: x (64, 32) @ w (48, 32).T
+    x, w, out, bias = arr(64, 32), arr(48, 32), arr(64, 48), arr(48)
+    lt.matmul(out, x, w, trans_b=True, epilogue="bias", bias=bias)
+    d = plan_desc()
+    assert rec.attrs[d][lt.DESC_TRANSA] == 1 and rec.attrs[d][lt.DESC_TRANSB] == 0
+    assert rec.attrs[d][lt.DESC_EPILOGUE] == lt.EPILOGUES["bias"]
+    assert rec.attrs[d][lt.DESC_BIAS_POINTER] == bias.data.ptr
+    assert rec.launches[-1] == (d, x.data.ptr, w.data.ptr, out.data.ptr)
+    bias2, n_plans = arr(48), len(dev.plans)
+    lt.matmul(out, x, w, trans_b=True, epilogue="bias", bias=bias2)
+    assert len(dev.plans) == n_plans, "a moved bias made a new plan"
+    assert rec.attrs[d][lt.DESC_BIAS_POINTER] == bias2.data.ptr
+    # GELU with aux written: aux pointer and row stride on the descriptor
+    pre = arr(64, 48)
+    lt.matmul(out, x, w, trans_b=True, epilogue="gelu_aux_bias", bias=bias, aux=pre)
+    d = plan_desc()
+    assert rec.attrs[d][lt.DESC_EPILOGUE_AUX_POINTER] == pre.data.ptr
+    assert rec.attrs[d][lt.DESC_EPILOGUE_AUX_LD] == 48
+    with pytest.raises(ValueError, match="^aux:"):
+        lt.matmul(out, x, w, trans_b=True, epilogue="bias", bias=bias, aux=pre)
+    with pytest.raises(ValueError, match="^beta:"):
+        lt.matmul(out, x, w, trans_b=True, epilogue="dgelu", aux=pre, beta=1.0)
+
+    # fp8: a (64, 32) e5m2 @ b (48, 32).T e4m3, scales crossed over to cuBLASLt's operands
+    a8, b8 = arr(64, 32, dtype=np.uint8), arr(48, 32, dtype=np.uint8)
+    sa, sb = cp.ones(4, np.float32)[:1], cp.ones(4, np.float32)[:1]
+    cublaslt_fp8.matmul_fp8(out, a8, "e5m2", sa, b8, "e4m3", sb, epilogue="bias", bias=bias,
+                            fast_accum=True)
+    d = plan_desc()
+    plan = list(dev.plans.values())[-1]
+    assert rec.layouts[plan.layout_a.value][0] == cublaslt_fp8.FP8_TYPES["e4m3"]  # our b
+    assert rec.layouts[plan.layout_b.value][0] == cublaslt_fp8.FP8_TYPES["e5m2"]  # our a
+    assert rec.attrs[d][lt.DESC_A_SCALE_POINTER] == sb.data.ptr
+    assert rec.attrs[d][lt.DESC_B_SCALE_POINTER] == sa.data.ptr
+    assert rec.attrs[d][lt.DESC_FAST_ACCUM] == 1
+    assert rec.attrs[d][lt.DESC_BIAS_POINTER] == bias.data.ptr
+    assert rec.launches[-1] == (d, a8.data.ptr, b8.data.ptr, out.data.ptr)
+    sa2 = cp.ones(4, np.float32)[:1]
+    cublaslt_fp8.matmul_fp8(out, a8, "e5m2", sa2, b8, "e4m3", sb, epilogue="bias", bias=bias,
+                            fast_accum=True)
+    assert rec.attrs[d][lt.DESC_B_SCALE_POINTER] == sa2.data.ptr
+    with pytest.raises(ValueError, match="16-byte aligned scale pointer"):
+        cublaslt_fp8.matmul_fp8(out, a8, "e5m2", cp.ones(4, np.float32)[1:2], b8, "e4m3", sb)
+    with pytest.raises(ValueError, match="^bias:"):
+        cublaslt_fp8.matmul_fp8(out, a8, "e5m2", sa, b8, "e4m3", sb, epilogue="bias",
+                                bias=cp.ones(48, np.float32))
+    print("OK")
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    {"numerics": check_numerics, "launchers": check_launchers}[sys.argv[1]]()
+    {"numerics": check_numerics, "launchers": check_launchers,
+     "cublaslt": check_cublaslt}[sys.argv[1]]()

@@ -540,12 +540,12 @@ def test_tuning_picks_a_candidate_remembers_it_and_keeps_beta(monkeypatch, tmp_p
     written to $LLMC_CACHE_DIR and a fresh process state reads it back instead of timing."""
     import json
     import cupy
-    from llmc.cuda import cublaslt
+    from llmc.cuda import cublaslt, cublaslt_tuning
     monkeypatch.setenv("LLMC_MATMUL_TUNE", "1")
     monkeypatch.setenv("LLMC_CACHE_DIR", str(tmp_path))
 
     def fresh():
-        cublaslt._tuned_cache.clear()
+        cublaslt_tuning._tuned_cache.clear()
         cublaslt._device(cupy.cuda.Device().id).plans.clear()
 
     rng = np.random.default_rng(7)
@@ -563,7 +563,7 @@ def test_tuning_picks_a_candidate_remembers_it_and_keeps_beta(monkeypatch, tmp_p
         assert_close(host(out), a64 @ b64.T, "bf16", "tuned out = a @ b.T")
         plans = cublaslt._device(cupy.cuda.Device().id).plans
         assert all(p.tuned for p in plans.values())
-        saved = json.loads(cublaslt.tuning_cache_path().read_text())
+        saved = json.loads(cublaslt_tuning.tuning_cache_path().read_text())
         (section, entries), = saved.items()
         chosen = {p.key_text: bytes(p.algo.data) for p in plans.values() if len(p.candidates) > 1}
         assert set(chosen) <= set(entries), "a tuned plan is missing from the cache file"
@@ -573,7 +573,7 @@ def test_tuning_picks_a_candidate_remembers_it_and_keeps_beta(monkeypatch, tmp_p
         # another process: the file's choice, not a new timing (make it a different rank)
         key = next(iter(chosen))
         entries[key] = (entries[key] + 1) % 2
-        cublaslt.tuning_cache_path().write_text(json.dumps(saved))
+        cublaslt_tuning.tuning_cache_path().write_text(json.dumps(saved))
         fresh()
         cublaslt.matmul(device(c0), device(a), device(x), trans_a=True, beta=1.0)
         cublaslt.matmul(poisoned((2048, 3072), "bf16"), device(a), device(b), trans_b=True)

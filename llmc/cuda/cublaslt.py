@@ -26,15 +26,9 @@ made once: the operation descriptor, the matrix layouts and the heuristic's algo
 call then costs a dict lookup, setting the bias/aux pointer on the plan's descriptor when it
 changed, and cublasLtMatmul on CuPy's current stream: no device allocation, a few host calls.
 
-Tuning (on unless LLMC_MATMUL_TUNE=0): the heuristic's first answer is often not its fastest
-(measured on an H200 at d12's products: 2-18% slower, 6% of the step's matmul time). A plan's
-first call times up to TUNE_CANDIDATES of its algorithms on the call's own operands (beta != 0
-products write a scratch copy of c, so the result is untouched) and keeps the fastest; the
-choice (its rank in the heuristic's list, which is deterministic) is saved in
-$LLMC_CACHE_DIR/cublaslt_algos.json (default ~/.cache/llmc), per device name and cuBLASLt
-version, first writer wins. Later processes read it instead of timing, so a resumed run picks
-the algorithms the interrupted one used (the same bits). Nothing is timed while a stream is
-being captured (the heuristic's first algorithm then).
+Tuning (on unless LLMC_MATMUL_TUNE=0): a plan's first call picks the fastest of the heuristic's
+first TUNE_CANDIDATES algorithms, remembered across processes (llmc/cuda/cublaslt_tuning.py).
+
 The workspace is shared by every call on the device, so products must not run on two streams at
 once (llmc runs them all on the compute stream).
 
@@ -42,20 +36,7 @@ Supported layouts: 2-D arrays whose last dimension is contiguous (row strides ma
 width), a contiguous bias vector, aux shaped like c with a row stride that is a multiple of 8.
 Anything else is a ValueError naming the argument.
 
-fp8 (Hopper / Ada, compute capability 8.9+):
-
-    matmul_fp8(c, a, a_format, a_scale_inv, b, b_format, b_scale_inv, *, beta=0.0,
-               epilogue="default", bias=None, aux=None, fast_accum=False)
-    c (M, N) bf16 = a_scale_inv * b_scale_inv * (a (M, K) @ b (N, K).T) (+ beta * c), epilogue
-
-a and b are uint8 arrays holding fp8 bits ("e4m3" or "e5m2"; not both e5m2), both K-contiguous:
-cuBLASLt's fp8 kernels take only the "TN" layout, which in our row-major convention is
-a @ b.T with both operands stored row by row. Row strides must be multiples of 16 bytes. The
-scales are device pointers to one fp32 each (the decode scales, 1/scale of the cast), so no
-host sync and nothing for a CUDA graph to miss; they are set on the plan's descriptor per call
-when they changed. Accumulation is fp32; fast_accum=True lets the kernel skip the periodic
-promotion of its partial sums (faster, less accurate: Transformer Engine uses it in the forward
-products only). Bias (bf16, added to the fp32 accumulator) and DGELU epilogues as matmul's.
+fp8 products (Hopper / Ada) share this module's plans and launch: llmc/cuda/cublaslt_fp8.py.
 
 The library is the libcublasLt that CuPy's cuBLAS loaded (found among the process's mapped
 objects), else cuda.pathfinder's, else libcublasLt.so.<CuPy's CUDA major> / .13 / .12. The enum
@@ -70,6 +51,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from llmc.cuda import cublaslt_tuning
 from llmc.cuda.cublas import (BF16, CUBLAS_COMPUTE_32F, CUBLAS_OP_N, CUBLAS_OP_T, CUDA_R_16BF,
                          CUDA_R_32F, F32, product_dims, row_stride)
 
@@ -78,8 +60,6 @@ WORKSPACE_BYTES = 32 << 20
 DESC_TRANSA, DESC_TRANSB, DESC_EPILOGUE, DESC_BIAS_POINTER = 3, 4, 7, 8
 DESC_EPILOGUE_AUX_POINTER, DESC_EPILOGUE_AUX_LD = 11, 12
 DESC_A_SCALE_POINTER, DESC_B_SCALE_POINTER, DESC_FAST_ACCUM = 17, 18, 25
-CUDA_R_8F_E4M3, CUDA_R_8F_E5M2 = 28, 29  # library_types.h
-FP8_TYPES = {"e4m3": CUDA_R_8F_E4M3, "e5m2": CUDA_R_8F_E5M2}
 PREF_MAX_WORKSPACE_BYTES = 1
 PREF_MIN_ALIGNMENT = {"a": 5, "b": 6, "c": 7, "d": 8}  # cuBLASLt's A, B, C, D
 EPILOGUES = {"default": 1, "bias": 4, "gelu_bias": 32 | 4, "gelu_aux_bias": 32 | 128 | 4,
@@ -184,9 +164,7 @@ class _Device:
     plans: dict
 
 
-TUNE_CANDIDATES = 8
-TUNE_REPS = 3
-_tuned_cache: dict = {}  # "device|version" -> {plan key text: rank}, loaded once per process
+TUNE_CANDIDATES = 8  # algorithms asked of the heuristic per plan (timed by cublaslt_tuning)
 
 
 @dataclass
@@ -263,6 +241,18 @@ def _pick_algorithm(state: _Device, plan: _Plan, aligns: tuple, what: str) -> No
     plan.algo, plan.workspace = plan.candidates[0]
 
 
+def set_vectors(plan: _Plan, ptrs: dict, ldaux) -> None:
+    """A new plan's bias and aux pointers (and the aux row stride) on its descriptor."""
+    setd = _lib().cublasLtMatmulDescSetAttribute
+    if "bias" in ptrs:
+        plan.bias_ptr.value = ptrs["bias"]
+        _set(setd, plan.desc, DESC_BIAS_POINTER, plan.bias_ptr)
+    if ldaux is not None:
+        _set(setd, plan.desc, DESC_EPILOGUE_AUX_LD, ctypes.c_int64(ldaux))
+        plan.aux_ptr.value = ptrs["aux"]
+        _set(setd, plan.desc, DESC_EPILOGUE_AUX_POINTER, plan.aux_ptr)
+
+
 def _make_plan(state: _Device, key: tuple, ptrs: dict) -> _Plan:
     _, dtype, M, N, K, trans_a, trans_b, lda, ldb, ldc, epilogue, ldaux, aligns = key
     lib = _lib()
@@ -277,13 +267,7 @@ def _make_plan(state: _Device, key: tuple, ptrs: dict) -> _Plan:
                  _layout(dtype, *((N, K) if trans_b else (K, N)), ldb),
                  _layout(dtype, *((K, M) if trans_a else (M, K)), lda),
                  _layout(dtype, M, N, ldc), _Algo(), 0, ctypes.c_void_p(), ctypes.c_void_p())
-    if "bias" in ptrs:
-        plan.bias_ptr.value = ptrs["bias"]
-        _set(setd, desc, DESC_BIAS_POINTER, plan.bias_ptr)
-    if ldaux is not None:
-        _set(setd, desc, DESC_EPILOGUE_AUX_LD, ctypes.c_int64(ldaux))
-        plan.aux_ptr.value = ptrs["aux"]
-        _set(setd, desc, DESC_EPILOGUE_AUX_POINTER, plan.aux_ptr)
+    set_vectors(plan, ptrs, ldaux)
     _pick_algorithm(state, plan, aligns, f"epilogue {epilogue!r}, dtype {dtype}, (M, N, K) = "
                     f"{(M, N, K)}, trans_a={trans_a}, trans_b={trans_b}")
     return plan
@@ -327,30 +311,7 @@ def matmul(c, a, b, *, trans_a: bool = False, trans_b: bool = False, beta: float
     ldb = row_stride("b", b, *b.shape)
 
     ptrs = {}
-    ldaux = None
-    if epilogue in ("bias", "gelu_bias", "gelu_aux_bias"):
-        if not isinstance(bias, cupy.ndarray) or bias.shape != (N,):
-            raise ValueError(f"bias: epilogue {epilogue!r} needs a ({N},) cupy.ndarray, got "
-                             f"{getattr(bias, 'shape', type(bias).__name__)}")
-        if bias.dtype != c.dtype or not bias.flags.c_contiguous or bias.device.id != dev:
-            raise ValueError(f"bias: expected a contiguous {c.dtype} vector on device {dev}, "
-                             f"got {bias.dtype} strides {bias.strides} on device "
-                             f"{bias.device.id}")
-        ptrs["bias"] = bias.data.ptr
-    elif bias is not None:
-        raise ValueError(f"bias: epilogue {epilogue!r} takes no bias")
-    if epilogue in ("dgelu", "gelu_aux_bias"):
-        _check_matrix("aux", aux, c.dtype, dev)
-        if aux.shape != c.shape:
-            raise ValueError(f"aux: expected shape {c.shape} (that of c), got {aux.shape}")
-        ldaux = row_stride("aux", aux, M, N)
-        if ldaux % 8 != 0:
-            raise ValueError(f"aux: the row stride must be a multiple of 8 elements, got {ldaux}")
-        if beta != 0.0:
-            raise ValueError(f"beta: epilogue {epilogue!r} needs beta = 0, got {beta}")
-        ptrs["aux"] = aux.data.ptr
-    elif aux is not None:
-        raise ValueError(f"aux: epilogue {epilogue!r} takes no aux matrix")
+    ldaux = epilogue_args(ptrs, epilogue, bias, aux, c, beta, dev)
     if c.size == 0:
         return c
 
@@ -362,6 +323,39 @@ def matmul(c, a, b, *, trans_a: bool = False, trans_b: bool = False, beta: float
     return c
 
 
+def epilogue_args(ptrs: dict, epilogue: str, bias, aux, c, beta: float, dev: int):
+    """Check the epilogue's vectors against c (M, N) and add their pointers to ptrs; returns
+    aux's row stride (None without aux). bias (N,) for the bias epilogues, aux (M, N) for those
+    that read or write it (then beta must be 0); each in c's dtype."""
+    import cupy
+    M, N = c.shape
+    if epilogue in ("bias", "gelu_bias", "gelu_aux_bias"):
+        if not isinstance(bias, cupy.ndarray) or bias.shape != (N,):
+            raise ValueError(f"bias: epilogue {epilogue!r} needs a ({N},) cupy.ndarray, got "
+                             f"{getattr(bias, 'shape', type(bias).__name__)}")
+        if bias.dtype != c.dtype or not bias.flags.c_contiguous or bias.device.id != dev:
+            raise ValueError(f"bias: expected a contiguous {c.dtype} vector on device {dev}, "
+                             f"got {bias.dtype} strides {bias.strides} on device "
+                             f"{bias.device.id}")
+        ptrs["bias"] = bias.data.ptr
+    elif bias is not None:
+        raise ValueError(f"bias: epilogue {epilogue!r} takes no bias")
+    if epilogue not in ("dgelu", "gelu_aux_bias"):
+        if aux is not None:
+            raise ValueError(f"aux: epilogue {epilogue!r} takes no aux matrix")
+        return None
+    _check_matrix("aux", aux, c.dtype, dev)
+    if aux.shape != c.shape:
+        raise ValueError(f"aux: expected shape {c.shape} (that of c), got {aux.shape}")
+    ldaux = row_stride("aux", aux, M, N)
+    if ldaux % 8 != 0:
+        raise ValueError(f"aux: the row stride must be a multiple of 8 elements, got {ldaux}")
+    if beta != 0.0:
+        raise ValueError(f"beta: epilogue {epilogue!r} needs beta = 0, got {beta}")
+    ptrs["aux"] = aux.data.ptr
+    return ldaux
+
+
 def _scalar(x: float):
     s = _SCALARS.get(x)
     if s is None:
@@ -370,147 +364,18 @@ def _scalar(x: float):
 
 
 def _run(key: tuple, c, a, b, beta: float, ptrs: dict):
-    """The plan for `key` (made on first use), then `_run_plan`."""
+    run_plan(key, _make_plan, c, a, b, beta, ptrs)
+
+
+def run_plan(key: tuple, make, c, a, b, beta: float, ptrs: dict):
+    """The plan for `key` (key[0] the device; made by make(state, key, ptrs) on first use),
+    then `_run_plan`."""
     state = _device(key[0])
     plan = state.plans.get(key)
     if plan is None:
-        plan = state.plans[key] = _make_plan(state, key, ptrs)
+        plan = state.plans[key] = make(state, key, ptrs)
         plan.key_text = repr(key[1:])
     _run_plan(state, plan, c, a, b, beta, ptrs)
-
-
-# ---------------------------------------------------------------------------------------------
-# fp8 products (module docstring): c (M, N) bf16 = sa * sb * a (M, K) @ b (N, K).T
-
-def _check_fp8_operand(name: str, x, dev: int) -> int:
-    """A uint8 (rows, K) matrix of fp8 bits, K contiguous, row stride a multiple of 16 bytes;
-    returns the row stride."""
-    import cupy
-    if not isinstance(x, cupy.ndarray) or x.dtype != np.uint8 or x.ndim != 2:
-        raise ValueError(f"{name}: expected a 2-D uint8 cupy.ndarray of fp8 bits, got "
-                         f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
-    if x.device.id != dev:
-        raise ValueError(f"{name}: expected an array on the current device {dev}, got device "
-                         f"{x.device.id}")
-    ld = row_stride(name, x, *x.shape)
-    if ld % 16 != 0 or x.data.ptr % 16 != 0:
-        raise ValueError(f"{name}: fp8 operands need 16-byte aligned rows (row stride and address "
-                         f"multiples of 16 bytes), got row stride {ld} at {x.data.ptr:#x}")
-    return ld
-
-
-def _check_scale(name: str, x, dev: int):
-    import cupy
-    if (not isinstance(x, cupy.ndarray) or x.dtype != np.float32 or x.size != 1
-            or x.device.id != dev):
-        raise ValueError(f"{name}: expected a one-element float32 cupy.ndarray on device {dev} "
-                         f"(the decode scale), got {getattr(x, 'dtype', type(x).__name__)} "
-                         f"{getattr(x, 'shape', '')}")
-    if x.data.ptr % 16 != 0:
-        raise ValueError(f"{name}: cuBLASLt needs a 16-byte aligned scale pointer (it refuses "
-                         f"others at run time, status 15), got {x.data.ptr:#x}: keep each scale "
-                         "in its own 16-byte row (llmc.ops.fp8.INV_STRIDE)")
-
-
-def matmul_fp8(c, a, a_format: str, a_scale_inv, b, b_format: str, b_scale_inv, *,
-               beta: float = 0.0, epilogue: str = "default", bias=None, aux=None,
-               fast_accum: bool = False):
-    """c (M, N) bf16 = a_scale_inv * b_scale_inv * a (M, K) @ b (N, K).T (+ beta c), epilogue
-    "default", "bias" (bias (N,) bf16) or "dgelu" (aux (M, N) bf16, beta 0); returns c.
-
-    a, b: uint8 fp8 bits in a_format / b_format ("e4m3" | "e5m2", not both "e5m2");
-    a_scale_inv, b_scale_inv: one-element float32 device arrays.
-    """
-    import cupy
-    for name, fmt in (("a_format", a_format), ("b_format", b_format)):
-        if fmt not in FP8_TYPES:
-            raise ValueError(f"{name}: expected one of {tuple(FP8_TYPES)}, got {fmt!r}")
-    if a_format == "e5m2" and b_format == "e5m2":
-        raise ValueError("b_format: cuBLASLt has no e5m2 x e5m2 product; cast one operand "
-                         "(the weights or activations) to e4m3")
-    if epilogue not in ("default", "bias", "dgelu"):
-        raise ValueError(f"epilogue: expected 'default', 'bias' or 'dgelu' for fp8, got "
-                         f"{epilogue!r}")
-    dev = cupy.cuda.Device().id
-    _check_matrix("c", c, BF16, dev)
-    lda = _check_fp8_operand("a", a, dev)
-    ldb = _check_fp8_operand("b", b, dev)
-    _check_scale("a_scale_inv", a_scale_inv, dev)
-    _check_scale("b_scale_inv", b_scale_inv, dev)
-    (M, K), (N, Kb) = a.shape, b.shape
-    if Kb != K or K < 1:
-        raise ValueError(f"b: expected shape (N, {K}) (K = a.shape[1] >= 1), got {b.shape}")
-    if c.shape != (M, N):
-        raise ValueError(f"c: expected shape {(M, N)} (rows of a, rows of b), got {c.shape}")
-    ldc = row_stride("c", c, M, N)
-    ptrs = {"a_scale": a_scale_inv.data.ptr, "b_scale": b_scale_inv.data.ptr}
-    ldaux = None
-    if epilogue == "bias":
-        if (not isinstance(bias, cupy.ndarray) or bias.shape != (N,) or bias.dtype != BF16
-                or not bias.flags.c_contiguous or bias.device.id != dev):
-            raise ValueError(f"bias: epilogue 'bias' needs a contiguous ({N},) bfloat16 vector "
-                             f"on device {dev}, got {getattr(bias, 'dtype', type(bias).__name__)} "
-                             f"{getattr(bias, 'shape', '')}")
-        ptrs["bias"] = bias.data.ptr
-    elif bias is not None:
-        raise ValueError(f"bias: epilogue {epilogue!r} takes no bias")
-    if epilogue == "dgelu":
-        _check_matrix("aux", aux, BF16, dev)
-        if aux.shape != c.shape:
-            raise ValueError(f"aux: expected shape {c.shape} (that of c), got {aux.shape}")
-        ldaux = row_stride("aux", aux, M, N)
-        if ldaux % 8 != 0:
-            raise ValueError(f"aux: the row stride must be a multiple of 8 elements, got {ldaux}")
-        if beta != 0.0:
-            raise ValueError(f"beta: epilogue 'dgelu' needs beta = 0, got {beta}")
-        ptrs["aux"] = aux.data.ptr
-    elif aux is not None:
-        raise ValueError(f"aux: epilogue {epilogue!r} takes no aux matrix")
-    if c.size == 0:
-        return c
-    aligns = (_alignment(b.data.ptr), _alignment(a.data.ptr), _alignment(c.data.ptr),
-              _alignment(c.data.ptr))
-    key = (dev, "fp8", a_format, b_format, M, N, K, lda, ldb, ldc, epilogue, ldaux,
-           bool(fast_accum), aligns)
-    state = _device(dev)
-    plan = state.plans.get(key)
-    if plan is None:
-        plan = state.plans[key] = _make_fp8_plan(state, key, ptrs)
-        plan.key_text = repr(key[1:])
-    _run_plan(state, plan, c, a, b, beta, ptrs)
-    return c
-
-
-def _make_fp8_plan(state: _Device, key: tuple, ptrs: dict) -> _Plan:
-    _, _, a_format, b_format, M, N, K, lda, ldb, ldc, epilogue, ldaux, fast_accum, aligns = key
-    lib = _lib()
-    desc = ctypes.c_void_p()
-    _check(lib.cublasLtMatmulDescCreate(ctypes.byref(desc), CUBLAS_COMPUTE_32F, CUDA_R_32F),
-           "cublasLtMatmulDescCreate")
-    setd = lib.cublasLtMatmulDescSetAttribute
-    # cuBLASLt's A is our b (N, K) row-major = column-major (K, N), used transposed: "TN"
-    _set(setd, desc, DESC_TRANSA, ctypes.c_int32(CUBLAS_OP_T))
-    _set(setd, desc, DESC_TRANSB, ctypes.c_int32(CUBLAS_OP_N))
-    _set(setd, desc, DESC_EPILOGUE, ctypes.c_uint32(EPILOGUES[epilogue]))
-    _set(setd, desc, DESC_FAST_ACCUM, ctypes.c_int8(1 if fast_accum else 0))
-    plan = _Plan(desc, _layout(FP8_TYPES[b_format], N, K, ldb),
-                 _layout(FP8_TYPES[a_format], M, K, lda), _layout(BF16, M, N, ldc), _Algo(), 0,
-                 ctypes.c_void_p(), ctypes.c_void_p())
-    plan.a_scale_ptr.value = ptrs["b_scale"]
-    _set(setd, desc, DESC_A_SCALE_POINTER, plan.a_scale_ptr)
-    plan.b_scale_ptr.value = ptrs["a_scale"]
-    _set(setd, desc, DESC_B_SCALE_POINTER, plan.b_scale_ptr)
-    if "bias" in ptrs:
-        plan.bias_ptr.value = ptrs["bias"]
-        _set(setd, desc, DESC_BIAS_POINTER, plan.bias_ptr)
-    if ldaux is not None:
-        _set(setd, desc, DESC_EPILOGUE_AUX_LD, ctypes.c_int64(ldaux))
-        plan.aux_ptr.value = ptrs["aux"]
-        _set(setd, desc, DESC_EPILOGUE_AUX_POINTER, plan.aux_ptr)
-    _pick_algorithm(state, plan, aligns,
-                    f"fp8 {a_format} x {b_format} -> bf16, epilogue {epilogue!r}, (M, N, K) = "
-                    f"{(M, N, K)}, fast_accum={fast_accum}")
-    return plan
 
 
 def _run_plan(state: _Device, plan: _Plan, c, a, b, beta: float, ptrs: dict):
@@ -528,7 +393,10 @@ def _run_plan(state: _Device, plan: _Plan, c, a, b, beta: float, ptrs: dict):
             _set(setd, plan.desc, attr, held)
     stream = cupy.cuda.get_current_stream()
     if not plan.tuned:
-        _tune(state, plan, c, a, b, beta, stream)
+        cublaslt_tuning.tune(plan, c, a, b, beta, stream,
+                             lambda algo, ws, c_ptr: _launch(state, plan, algo, ws, c_ptr,
+                                                             a.data.ptr, b.data.ptr, beta,
+                                                             stream.ptr))
     _check(_launch(state, plan, plan.algo, plan.workspace, c.data.ptr, a.data.ptr, b.data.ptr,
                    beta, stream.ptr), "cublasLtMatmul")
 
@@ -539,92 +407,3 @@ def _launch(state, plan, algo, workspace: int, c_ptr: int, a_ptr: int, b_ptr: in
         state.handle, plan.desc, _scalar(1.0), b_ptr, plan.layout_a, a_ptr, plan.layout_b,
         _scalar(float(beta)), c_ptr, plan.layout_c, c_ptr, plan.layout_c, ctypes.byref(algo),
         state.workspace.data.ptr, workspace, stream_ptr)
-
-
-# ---------------------------------------------------------------------------------------------
-# tuning (module docstring)
-
-def tuning_enabled() -> bool:
-    import os
-    return os.environ.get("LLMC_MATMUL_TUNE", "1") != "0"
-
-
-def tuning_cache_path():
-    import os
-    from pathlib import Path
-    root = os.environ.get("LLMC_CACHE_DIR") or Path.home() / ".cache" / "llmc"
-    return Path(root) / "cublaslt_algos.json"
-
-
-def _cache_section() -> str:
-    import cupy
-    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
-    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-    return f"{name}|cublasLt {version()}"
-
-
-def _read_cache() -> dict:
-    import json
-    try:
-        data = json.loads(tuning_cache_path().read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _remember(section: str, key_text: str, rank: int) -> None:
-    """Add one choice to the cache file (re-read, first writer wins, atomic replace)."""
-    import json
-    import os
-    path = tuning_cache_path()
-    try:
-        data = _read_cache()
-        entries = data.setdefault(section, {})
-        if key_text in entries:
-            return
-        entries[key_text] = rank
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=0, sort_keys=True))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only home: tuning still holds for this process
-
-
-def _tune(state, plan, c, a, b, beta: float, stream) -> None:
-    """Pick plan.algo among plan.candidates: the cached rank, else the fastest on this call's
-    operands (module docstring)."""
-    import cupy
-    plan.tuned = True
-    if len(plan.candidates) < 2 or not tuning_enabled() or stream.is_capturing():
-        return
-    section = _cache_section()
-    if section not in _tuned_cache:
-        _tuned_cache[section] = _read_cache().get(section, {})
-    known = _tuned_cache[section]
-    rank = known.get(plan.key_text)
-    if rank is None:
-        scratch = None
-        if beta != 0.0:  # the product reads and writes c: time it on scratch of c's extent
-            rows, ld = c.shape[0], c.strides[0] // c.itemsize
-            scratch = cupy.zeros((rows - 1) * ld + c.shape[1], dtype=c.dtype)
-        c_ptr = scratch.data.ptr if scratch is not None else c.data.ptr
-        start, end = cupy.cuda.Event(), cupy.cuda.Event()
-        times = []
-        for i, (algo, ws) in enumerate(plan.candidates):
-            if _launch(state, plan, algo, ws, c_ptr, a.data.ptr, b.data.ptr, beta,
-                       stream.ptr) != 0:
-                continue  # an algorithm this problem's pointers do not suit
-            start.record(stream)
-            for _ in range(TUNE_REPS):
-                _launch(state, plan, algo, ws, c_ptr, a.data.ptr, b.data.ptr, beta, stream.ptr)
-            end.record(stream)
-            end.synchronize()
-            times.append((cupy.cuda.get_elapsed_time(start, end), i))
-        if not times:
-            return
-        rank = min(times)[1]
-        known[plan.key_text] = rank
-        _remember(section, plan.key_text, rank)
-    if 0 <= rank < len(plan.candidates):
-        plan.algo, plan.workspace = plan.candidates[rank]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmc import kernels
-from llmc.cuda import cublaslt
+from llmc.cuda import cublaslt_fp8
 from llmc.model.reference import FP8_MAX
 from llmc.ops import F32, ceil_div, check, check_aligned, dtype_name
 from llmc.ops.arrays import empty, zeros
@@ -123,8 +123,8 @@ def scale_update(scale, scale_inv, history, amax, fmax, pos, margin: int = 0, *,
 def fp8_matmul(out, a, a_format, a_scale_inv, b, b_format, b_scale_inv, *, beta: float = 0.0,
                epilogue: str = "default", bias=None, aux=None, fast_accum: bool = False):
     """out (M, N) bf16 = a_scale_inv * b_scale_inv * a (M, K) @ b (N, K).T (+ beta out), with
-    cuBLASLt's bias or DGELU epilogue; fp32 accumulation. Arguments: llmc.cuda.cublaslt."""
-    return cublaslt.matmul_fp8(out, a, a_format, a_scale_inv, b, b_format, b_scale_inv,
+    cuBLASLt's bias or DGELU epilogue; fp32 accumulation. Arguments: llmc.cuda.cublaslt_fp8."""
+    return cublaslt_fp8.matmul_fp8(out, a, a_format, a_scale_inv, b, b_format, b_scale_inv,
                                beta=beta, epilogue=epilogue, bias=bias, aux=aux,
                                fast_accum=fast_accum)
 
