@@ -492,6 +492,24 @@ def test_bias_backward_alone(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_bias_backward_back_to_back(dtype):
+    """dbias is right launch after launch of different shapes through one scratch size each:
+    one row block (G = 1), the most (G = 256), OC not a multiple of the 32-pack column chunk,
+    the production qkv and attention-projection widths."""
+    import cupy
+    from llmc.ops.matmul import bias_backward, matmul_backward_scratch_size
+    rng = np.random.default_rng(7)
+    for N, OC in ((5, 24), (40_000, 2304), (129, 264), (1, 8), (16_384, 768), (5, 24)):
+        dout, dout64 = randn(rng, (N, OC), dtype)
+        db0, db064 = randn(rng, (OC,), dtype)
+        db = device(db0)
+        bias_backward(db, device(dout), cupy.empty(matmul_backward_scratch_size(N, OC),
+                                                   cupy.uint8))
+        assert_close(host(db), db064 + dout64.sum(0), dtype, f"dbias (N={N}, OC={OC})")
+
+
+@pytest.mark.gpu
 def test_validation():
     import cupy
     from llmc.ops.matmul import matmul_backward, matmul_backward_scratch_size, matmul_forward

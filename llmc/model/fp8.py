@@ -49,6 +49,7 @@ from llmc.cuda import cublaslt
 
 AMAX_HISTORY = 16
 MARGIN = 0
+GRAD_FMT = "e5m2"  # the gradients' fp8 format (E4M3 trades range for one more mantissa bit)
 PRODUCTS = ("qkv", "attproj", "fc", "fcproj")
 MIN_CAPABILITY = 89  # fp8 tensor cores: Ada (8.9), Hopper (9.0) and later
 
@@ -126,7 +127,7 @@ class Fp8State:
         self.shapes = product_shapes(C)
         u8 = np.uint8
         # activations and gradients: slot 8 l + j is x of product j, 8 l + 4 + j its gradient
-        self.act = ScaleSet((["e4m3"] * 4 + ["e5m2"] * 4) * L, AMAX_HISTORY)
+        self.act = ScaleSet((["e4m3"] * 4 + [GRAD_FMT] * 4) * L, AMAX_HISTORY)
         # weights: slot j L + l, so weight j's L slots are one contiguous range (batched cast)
         self.wts = ScaleSet(["e4m3"] * (4 * L), 1)
         self.w8, self.wt8 = {}, {}
@@ -230,24 +231,24 @@ class Fp8State:
         g = dout.reshape(N, OC)
         g8 = self.g8[:N * OC].reshape(N, OC)
         gt8 = self.gt8[:N * OC].reshape(OC, N) if self.wgrad else None
-        self._cast(s, g, g8, gt8, "e5m2")
+        self._cast(s, g, g8, gt8, GRAD_FMT)
         a, w = self.act, self.wts
         dx = dinp.reshape(N, IN)
         if pre_gelu is not None and self.dgelu_fused:
             try:
-                fp8.fp8_matmul(dx, g8, "e5m2", a.v_scale_inv[s], self.wt8[name][l], "e4m3",
+                fp8.fp8_matmul(dx, g8, GRAD_FMT, a.v_scale_inv[s], self.wt8[name][l], "e4m3",
                                w.v_scale_inv[ws], epilogue="dgelu",
                                aux=pre_gelu.reshape(N, IN))
             except RuntimeError:  # no fp8 DGELU kernel in this cuBLASLt: product, then gelu'
                 self.dgelu_fused = False
         if pre_gelu is None or not self.dgelu_fused:
-            fp8.fp8_matmul(dx, g8, "e5m2", a.v_scale_inv[s], self.wt8[name][l], "e4m3",
+            fp8.fp8_matmul(dx, g8, GRAD_FMT, a.v_scale_inv[s], self.wt8[name][l], "e4m3",
                            w.v_scale_inv[ws])
             if pre_gelu is not None:
                 from llmc.ops import gelu
                 gelu.gelu_backward(dx, pre_gelu.reshape(N, IN), dx)
         if self.wgrad:
-            fp8.fp8_matmul(dweight, gt8, "e5m2", a.v_scale_inv[s], self.xt8[name][l], "e4m3",
+            fp8.fp8_matmul(dweight, gt8, GRAD_FMT, a.v_scale_inv[s], self.xt8[name][l], "e4m3",
                            a.v_scale_inv[8 * l + j], beta=1.0)
         else:
             cublaslt.matmul(dweight, g, inp.reshape(N, IN), trans_a=True, beta=1.0)
