@@ -26,8 +26,9 @@ from llmc.ops import (F32, ceil_div, check, check_aligned, check_same, check_scr
 from llmc.ops.arrays import empty, scratch as new_scratch, zeros
 
 FWD_WARPS = 8       # rows per forward block
-BWD_WARPS = 4       # rows in flight per backward block
-BWD_MAX_BLOCKS = 1024
+BWD_MAX_WARPS = 16          # rows in flight per backward block, at most
+BWD_SMEM_BUDGET = 96 * 1024  # the block's per-warp accumulators fit every supported GPU's opt-in
+BWD_MAX_BLOCKS = 256        # fp32 partials (G, 2C) the reduction then adds
 EW_BLOCK = 256      # residual_forward
 
 
@@ -109,14 +110,20 @@ def residual_forward(out, inp1, inp2):
     return out
 
 
-def _backward_blocks(N: int) -> int:
-    """Blocks of the backward: fixed by N alone, so the summation order is the same on any GPU."""
-    return max(1, min(ceil_div(N, BWD_WARPS), BWD_MAX_BLOCKS))
+def _backward_geometry(N: int, C: int, dt: str) -> tuple:
+    """(blocks G, warps per block) of the backward: fixed by (N, C, dtype) alone, so the
+    summation order is the same on any GPU. As many warps as BWD_SMEM_BUDGET holds (16 at
+    C = 768: 256 blocks of 16 warps keep as many rows in flight as 1024 blocks of 4, and leave a
+    quarter of the partials for the reduction to add)."""
+    chunk = 32 * pack_size(dt)
+    per_warp = 2 * ceil_div(C, chunk) * chunk * 4
+    warps = max(1, min(BWD_MAX_WARPS, BWD_SMEM_BUDGET // per_warp))
+    return max(1, min(ceil_div(N, warps), BWD_MAX_BLOCKS)), warps
 
 
 def layernorm_backward_scratch_size(N: int, C: int) -> int:
-    """Bytes of scratch layernorm_backward needs: fp32 (G, 2C) partials, G <= 1024."""
-    return _backward_blocks(N) * 2 * C * 4
+    """Bytes of scratch layernorm_backward needs: fp32 (G, 2C) partials, G <= min(N, 256)."""
+    return max(1, min(N, BWD_MAX_BLOCKS)) * 2 * C * 4
 
 
 def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scratch):
@@ -125,15 +132,15 @@ def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scra
                          [("dout", dout), ("dinp", dinp)])
     check("dweight", dweight, (C,), dt)
     check("dbias", dbias, (C,), dt)
-    G = _backward_blocks(N)
+    G, warps = _backward_geometry(N, C, dt)
     partial = check_scratch("scratch", scratch, layernorm_backward_scratch_size(N, C))
     if N == 0:
         return
     kernel = kernels.function("layernorm", "layernorm_backward", dt)
     chunk = 32 * pack_size(dt)  # the kernel pads each warp's accumulators to whole chunks
-    smem = BWD_WARPS * 2 * ceil_div(C, chunk) * chunk * 4
+    smem = warps * 2 * ceil_div(C, chunk) * chunk * 4
     set_dynamic_smem(kernel, smem)
-    kernel((G,), (32 * BWD_WARPS,),
+    kernel((G,), (32 * warps,),
            (dinp, partial, dout, inp, weight, mean, rstd, np.int32(N), np.int32(C)),
            shared_mem=smem)
     kernels.function("layernorm", "layernorm_backward_reduce", dt)(
