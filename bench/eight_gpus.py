@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import eight_gpus_report as report  # noqa: E402
 from bench.eight_gpus_report import PARTS  # noqa: E402
-from bench.processes import Runner, kill_one_rank, tail  # noqa: E402
+from bench.processes import Runner, kill_one_rank, split_passthrough, tail  # noqa: E402
 
 EQUIV_TOL = {"fp32": 1e-5, "bf16": 1e-2}  # bf16: tests/test_multigpu.py's tolerance
 MIN_S = {"data": 20, "scaling": 120, "seed": 60, "resume": 90, "reshard": 30, "equiv": 60,
@@ -65,11 +65,7 @@ NEEDS_GPUS = ("scaling", "reshard", "equiv", "kill")
 
 
 def parse_args(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    extra = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
+    argv, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="python bench/eight_gpus.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpus", type=int, default=None, help="N [default: every visible GPU]")

@@ -16,6 +16,9 @@ Dry: the command is printed, nothing runs.
 kill_one_rank starts the ranks of a run itself (llmc.launch reports only the first failure;
 here every rank's exit code and time is wanted), SIGKILLs one once the run is ready (e.g. has
 a checkpoint) and times how long each other rank takes to exit.
+
+split_passthrough(argv) -> (own, extra): the script's own arguments and those after a "--",
+which bench/eight_gpus.py and bench/scaling.py hand on to `python -m llmc.train`.
 """
 from __future__ import annotations
 
@@ -27,6 +30,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def split_passthrough(argv) -> tuple:
+    """(arguments before a "--", arguments after it): ([...], []) when there is none."""
+    argv = list(argv)
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1:]
 
 
 def _descendants(pid: int) -> list:
