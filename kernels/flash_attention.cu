@@ -23,18 +23,17 @@ __device__ __forceinline__ void flash_forward(bf16* __restrict__ out, float* __r
                                               const bf16* __restrict__ qkv, int B, int T,
                                               int NH) {
     constexpr int BR = 16 * NW, NT = 32 * NW;
-    const int C = NH * FA_HS;
     const int n_qt = (T + BR - 1) / BR;
     const int2 job = fa_schedule(B * NH, n_qt);
-    const int bh = job.x, b = bh / NH, h = bh % NH;
+    const int bh = job.x;
+    const FaHead hd = fa_head(qkv, bh, T, NH);
+    const int b = hd.b, h = hd.h, C = hd.C;
     const int q0 = (n_qt - 1 - job.y) * BR;  // rank 0 = the last rows, which see the most keys
     const int q_end = min(q0 + BR, T);
     const int n_kt = (q_end + FA_TILE - 1) / FA_TILE;  // key tiles holding keys < q_end
 
-    const long long stride = 3 * C;
-    const bf16* q_src = qkv + (long long)b * T * stride + h * FA_HS;
-    const bf16* k_src = q_src + C;
-    const bf16* v_src = q_src + 2 * C;
+    const long long stride = hd.stride;
+    const bf16 *q_src = hd.q, *k_src = hd.k, *v_src = hd.v;
 
     // shared: Q (BR rows; reused to stage the output), K[2], V[2] (64 rows each)
     const unsigned sQ = fa_smem_u32(fa_smem);

@@ -212,6 +212,29 @@ __device__ __forceinline__ int2 fa_schedule(int n_bh, int n_tiles) {
     return make_int2(first + r % size, r / size);
 }
 
+// Head bh = b * NH + h of the (B, T, 3, NH, HS) qkv rows, as every kernel's set-up needs it:
+// its batch and head, C = NH * HS, the row stride 3C of qkv (and dqkv), and row 0 of its q, k
+// and v columns.
+struct FaHead {
+    int b, h, C;
+    long long stride;
+    const bf16* q;
+    const bf16* k;
+    const bf16* v;
+};
+
+__device__ __forceinline__ FaHead fa_head(const bf16* qkv, int bh, int T, int NH) {
+    FaHead hd;
+    hd.b = bh / NH;
+    hd.h = bh % NH;
+    hd.C = NH * FA_HS;
+    hd.stride = 3LL * hd.C;
+    hd.q = qkv + (long long)hd.b * T * hd.stride + hd.h * FA_HS;
+    hd.k = hd.q + hd.C;
+    hd.v = hd.q + 2 * hd.C;
+    return hd;
+}
+
 // The backward's D = rowsum(dO * O) for a block's BR query rows from q0, read straight from
 // global memory (both kernels of each backward call it while their first tiles load): 8 lanes a
 // row, 16 bytes each, a fixed shuffle tree, so the same bits everywhere. Rows past T get 0.

@@ -28,18 +28,17 @@ __device__ __forceinline__ void flash_backward_dq(
         const bf16* __restrict__ qkv, const bf16* __restrict__ out,
         const float* __restrict__ lse, int B, int T, int NH) {
     constexpr int BR = 16 * NW, NT = 32 * NW;
-    const int C = NH * FA_HS;
     const int n_qt = (T + BR - 1) / BR;
     const int2 job = fa_schedule(B * NH, n_qt);
-    const int bh = job.x, b = bh / NH, h = bh % NH;
+    const int bh = job.x;
+    const FaHead hd = fa_head(qkv, bh, T, NH);
+    const int b = hd.b, h = hd.h, C = hd.C;
     const int q0 = (n_qt - 1 - job.y) * BR;  // rank 0 = the last rows, which see the most keys
     const int q_end = min(q0 + BR, T);
     const int n_kt = (q_end + FA_TILE - 1) / FA_TILE;
 
-    const long long stride = 3 * C;
-    const bf16* q_src = qkv + (long long)b * T * stride + h * FA_HS;
-    const bf16* k_src = q_src + C;
-    const bf16* v_src = q_src + 2 * C;
+    const long long stride = hd.stride;
+    const bf16 *q_src = hd.q, *k_src = hd.k, *v_src = hd.v;
     const long long row_do = ((long long)b * T + q0) * C + h * FA_HS;  // row q0 of dout and out
 
     // shared: Q (BR rows; reused to stage dq), dO (BR), K[2], V[2] (64 rows each), D (BR floats)
@@ -128,18 +127,17 @@ __device__ __forceinline__ void flash_backward_dkdv(
         const bf16* __restrict__ qkv, const float* __restrict__ lse,
         const float* __restrict__ D, int B, int T, int NH) {
     constexpr int BC = 16 * NW, NT = 32 * NW;
-    const int C = NH * FA_HS;
     const int n_kt = (T + BC - 1) / BC;
     const int2 job = fa_schedule(B * NH, n_kt);
-    const int bh = job.x, b = bh / NH, h = bh % NH;
+    const int bh = job.x;
+    const FaHead hd = fa_head(qkv, bh, T, NH);
+    const int b = hd.b, h = hd.h, C = hd.C;
     const int k0 = job.y * BC;  // rank 0 = the first keys, which every query sees
     const int k_end = min(k0 + BC, T);
     const int n_qt = (T - k0 + FA_TILE - 1) / FA_TILE;  // query tiles from k0 (earlier: all masked)
 
-    const long long stride = 3 * C;
-    const bf16* q_src = qkv + (long long)b * T * stride + h * FA_HS;
-    const bf16* k_src = q_src + C;
-    const bf16* v_src = q_src + 2 * C;
+    const long long stride = hd.stride;
+    const bf16 *q_src = hd.q, *k_src = hd.k, *v_src = hd.v;
     const bf16* do_src = dout + (long long)b * T * C + h * FA_HS;
     const float* lse_src = lse + (long long)bh * T;
     const float* d_src = D + (long long)bh * T;
