@@ -21,8 +21,9 @@ to read the loss. tokens/s = timed tokens / wall time of the timed steps; MFU as
 it (FLOPs/token = 6N + 6·L·C·T, N with the padded vocabulary) against 989 TFLOP/s bf16.
 
 - llmc runs first; its memory is the device memory it took (cudaMemGetInfo before building the
-  model vs the lowest free memory seen: pool, cuBLAS workspace, modules), and CuPy's pool bytes
-  (`total_bytes`, which never shrinks unless freed). Then everything of llmc is freed.
+  model vs after the timed steps: pool, cuBLAS workspace, modules; CuPy's pool never hands
+  memory back, so that is the most it held, and reading it per step would idle the GPU ~70 us a
+  step), and CuPy's pool bytes (`total_bytes`). Then everything of llmc is freed.
 - --fp8: llmc runs twice in the same process, bf16 then with the fp8 products
   (llmc/model/fp8.py), and the report gives fp8/bf16 tokens/s and memory.
 - PyTorch: tests/torch_gpt2.py (SDPA, flash backend only by default), torch.compile, bf16
