@@ -27,7 +27,8 @@ call then costs a dict lookup, setting the bias/aux pointer on the plan's descri
 changed, and cublasLtMatmul on CuPy's current stream: no device allocation, a few host calls.
 
 Tuning (on unless LLMC_MATMUL_TUNE=0): a plan's first call picks the fastest of the heuristic's
-first TUNE_CANDIDATES algorithms, remembered across processes (llmc/cuda/cublaslt_tuning.py).
+first TUNE_CANDIDATES algorithms, each timed in a CUDA graph of back-to-back launches,
+remembered across processes (llmc/cuda/cublaslt_tuning.py).
 
 The workspace is shared by every call on the device, so products must not run on two streams at
 once (llmc runs them all on the compute stream).
@@ -394,9 +395,9 @@ def _run_plan(state: _Device, plan: _Plan, c, a, b, beta: float, ptrs: dict):
     stream = cupy.cuda.get_current_stream()
     if not plan.tuned:
         cublaslt_tuning.tune(plan, c, a, b, beta, stream,
-                             lambda algo, ws, c_ptr: _launch(state, plan, algo, ws, c_ptr,
-                                                             a.data.ptr, b.data.ptr, beta,
-                                                             stream.ptr))
+                             lambda algo, ws, c_ptr, stream_ptr: _launch(
+                                 state, plan, algo, ws, c_ptr, a.data.ptr, b.data.ptr, beta,
+                                 stream_ptr))
     _check(_launch(state, plan, plan.algo, plan.workspace, c.data.ptr, a.data.ptr, b.data.ptr,
                    beta, stream.ptr), "cublasLtMatmul")
 

@@ -3,19 +3,32 @@
 The heuristic's first answer is often not its fastest (measured on an H200 at d12's products:
 2-18% slower, 6% of a step's matmul time). A plan's first call times the heuristic's first
 cublaslt.TUNE_CANDIDATES algorithms on the call's own operands (a beta != 0 product writes a
-scratch buffer of c's extent, so its result is untouched), TUNE_REPS launches each, and keeps
-the fastest. The choice (its rank in the heuristic's list, which is deterministic) is saved in
-$LLMC_CACHE_DIR/cublaslt_algos.json (default ~/.cache/llmc), per device name and cuBLASLt
-version, first writer wins; later processes read it instead of timing, so a resumed run runs
-the algorithms the interrupted one ran (the same bits). Nothing is timed while the stream is
-being captured into a CUDA graph (the heuristic's first algorithm then). LLMC_MATMUL_TUNE=0
-keeps the heuristic's first everywhere (the test suite does: tests/conftest.py).
+scratch buffer of c's extent, so its result is untouched) and keeps the fastest.
+
+Each candidate is timed the way training runs it: GRAPH_LAUNCHES back-to-back launches captured
+in a CUDA graph on a side stream, replayed TUNE_ROUNDS times with the candidates interleaved
+(round 1 runs every candidate, then round 2, ...), the median replay kept. Timing single
+eager launches (the first version) ranked them differently: the launch's own latency and the
+memset nodes some algorithms add inside a graph are in one measure and not the other, and a
+clock that drops as the card warms penalised whichever candidate came last. At d12, B=16 on an
+H200 the graph-timed choices took 17.9 ms of a step's products in a graph where the eager-timed
+ones took 18.6 (.scratch probe; docs/RESULTS.md).
+
+The choice (its rank in the heuristic's list, which is deterministic) is saved in
+$LLMC_CACHE_DIR/cublaslt_algos.json (default ~/.cache/llmc), per device name, cuBLASLt version
+and timing method, first writer wins; later processes read it instead of timing, so a resumed
+run runs the algorithms the interrupted one ran (the same bits). Nothing is timed while the
+stream is being captured into a CUDA graph (the heuristic's first algorithm then).
+LLMC_MATMUL_TUNE=0 keeps the heuristic's first everywhere (the test suite does:
+tests/conftest.py).
 
 Tests: pytest tests/test_matmul.py -k tuning (GPU)
 """
 from __future__ import annotations
 
-TUNE_REPS = 3
+GRAPH_LAUNCHES = 5  # launches of one candidate per captured graph
+TUNE_ROUNDS = 3     # replays of every candidate's graph, interleaved
+METHOD = "graph-timed"  # part of the cache section: choices timed another way are not reused
 _tuned_cache: dict = {}  # "device|version" -> {plan key text: rank}, loaded once per process
 
 
@@ -36,7 +49,7 @@ def _cache_section() -> str:
     from llmc.cuda.cublaslt import version
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-    return f"{name}|cublasLt {version()}"
+    return f"{name}|cublasLt {version()}|{METHOD}"
 
 
 def _read_cache() -> dict:
@@ -69,8 +82,8 @@ def _remember(section: str, key_text: str, rank: int) -> None:
 
 def tune(plan, c, a, b, beta: float, stream, launch) -> None:
     """Pick plan.algo among plan.candidates: the cached rank, else the fastest on this call's
-    operands (module docstring). launch(algo, workspace, c_ptr) enqueues the plan's product with
-    that algorithm into c_ptr on `stream` and returns cuBLASLt's status."""
+    operands (module docstring). launch(algo, workspace, c_ptr, stream_ptr) enqueues the plan's
+    product with that algorithm into c_ptr on the stream and returns cuBLASLt's status."""
     import cupy
     plan.tuned = True
     if len(plan.candidates) < 2 or not tuning_enabled() or stream.is_capturing():
@@ -81,26 +94,52 @@ def tune(plan, c, a, b, beta: float, stream, launch) -> None:
     known = _tuned_cache[section]
     rank = known.get(plan.key_text)
     if rank is None:
-        scratch = None
-        if beta != 0.0:  # the product reads and writes c: time it on scratch of c's extent
-            rows, ld = c.shape[0], c.strides[0] // c.itemsize
-            scratch = cupy.zeros((rows - 1) * ld + c.shape[1], dtype=c.dtype)
-        c_ptr = scratch.data.ptr if scratch is not None else c.data.ptr
-        start, end = cupy.cuda.Event(), cupy.cuda.Event()
-        times = []
-        for i, (algo, ws) in enumerate(plan.candidates):
-            if launch(algo, ws, c_ptr) != 0:
-                continue  # an algorithm this problem's pointers do not suit
-            start.record(stream)
-            for _ in range(TUNE_REPS):
-                launch(algo, ws, c_ptr)
-            end.record(stream)
-            end.synchronize()
-            times.append((cupy.cuda.get_elapsed_time(start, end), i))
-        if not times:
+        rank = _fastest(plan, c, beta, stream, launch)
+        if rank is None:
             return
-        rank = min(times)[1]
         known[plan.key_text] = rank
         _remember(section, plan.key_text, rank)
     if 0 <= rank < len(plan.candidates):
         plan.algo, plan.workspace = plan.candidates[rank]
+
+
+def _fastest(plan, c, beta: float, stream, launch):
+    """Rank of the candidate whose captured launches replay fastest (None: none runs)."""
+    import cupy
+    scratch = None
+    if beta != 0.0:  # the product reads and writes c: time it on scratch of c's extent
+        rows, ld = c.shape[0], c.strides[0] // c.itemsize
+        scratch = cupy.zeros((rows - 1) * ld + c.shape[1], dtype=c.dtype)
+    c_ptr = scratch.data.ptr if scratch is not None else c.data.ptr
+    side = cupy.cuda.Stream(non_blocking=True)
+    ready = cupy.cuda.Event(disable_timing=True)
+    ready.record(stream)  # the operands are written by work queued on the caller's stream
+    side.wait_event(ready)
+    graphs = []
+    for i, (algo, ws) in enumerate(plan.candidates):
+        if launch(algo, ws, c_ptr, side.ptr) != 0:
+            continue  # an algorithm this problem's pointers do not suit
+        side.begin_capture()
+        try:
+            for _ in range(GRAPH_LAUNCHES):
+                launch(algo, ws, c_ptr, side.ptr)
+        finally:
+            graph = side.end_capture()
+        graphs.append((i, graph))
+    if not graphs:
+        return None
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    times = {i: [] for i, _ in graphs}
+    for i, graph in graphs:  # a first replay of each: the graph's one-time set-up
+        graph.launch(side)
+    for _ in range(TUNE_ROUNDS):
+        for i, graph in graphs:
+            start.record(side)
+            graph.launch(side)
+            end.record(side)
+            end.synchronize()
+            times[i].append(cupy.cuda.get_elapsed_time(start, end))
+    done = cupy.cuda.Event(disable_timing=True)
+    done.record(side)
+    stream.wait_event(done)  # the caller's stream reuses the workspace after these launches
+    return min(times, key=lambda i: (sorted(times[i])[len(times[i]) // 2], i))
