@@ -2,7 +2,7 @@
 # One device call that proves the GPU work: environment, kernel compile times (cold and cached),
 # the gpu-marked tests, the per-kernel benchmarks and the end-to-end comparison with PyTorch.
 # Usage (on the GPU machine, from the repo root):  OUT=/some/dir bash bench/gpu_suite.sh [parts]
-# parts: any of env tests alltests bench e2e demo multigpu (default: env tests bench)
+# parts: any of env tests alltests bench e2e profile demo multigpu (default: env tests bench)
 set -uo pipefail
 OUT=${OUT:-/tmp/llmc_out}
 mkdir -p "$OUT"
@@ -56,6 +56,12 @@ e2e)
   # d24: B=32 so the compiled PyTorch peer fits an 80 GB card
   $PY bench/e2e.py --model d24 --batch-size 32 --seq-len 1024 --steps 10 --recompute 1 --json "$OUT/e2e_d24.json" 2>&1 | tee "$OUT/e2e24.txt" | tail -12
   tail -6 "$OUT/e2e24.txt" >> "$summary"
+  ;;
+profile)
+  say "== kernel profile"
+  # every kernel of a d12 B=16 training step and the gaps between them (CUPTI)
+  $PY bench/kernel_profile.py --batch-size 16 --out "$OUT/kernel_profile.txt" 2>&1 | tail -60
+  head -2 "$OUT/kernel_profile.txt" >> "$summary"
   ;;
 demo)
   say "== python -m llmc.train (no flags: d12 on tiny-shakespeare, 200 steps, sample)"
