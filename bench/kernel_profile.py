@@ -26,7 +26,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 
 def parse_args(argv=None):
@@ -90,7 +89,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch  # noqa: F401  (CUPTI through its profiler)
     from torch.profiler import ProfilerActivity, profile
-    from e2e import LlmcRunner
+    from bench.e2e import LlmcRunner
     from llmc.config import model_config
     mc = model_config(args.model)
     runner = LlmcRunner(mc, args.batch_size, args.seq_len, graphs=args.graphs, fp8=args.fp8)

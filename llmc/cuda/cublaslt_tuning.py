@@ -84,7 +84,6 @@ def tune(plan, c, a, b, beta: float, stream, launch) -> None:
     """Pick plan.algo among plan.candidates: the cached rank, else the fastest on this call's
     operands (module docstring). launch(algo, workspace, c_ptr, stream_ptr) enqueues the plan's
     product with that algorithm into c_ptr on the stream and returns cuBLASLt's status."""
-    import cupy
     plan.tuned = True
     if len(plan.candidates) < 2 or not tuning_enabled() or stream.is_capturing():
         return
