@@ -7,6 +7,10 @@
              dinp    += rstd * (g - mean(g) - xhat * mean(g * xhat))
              dweight += sum over rows of dout * xhat
              dbias   += sum over rows of dout
+             dsum    += sum over rows of dinp (after the update, as stored)   [optional]
+   dsum is the bias gradient of the linear layer whose output joined the residual stream that
+   dinp is the gradient of (attention projection, MLP projection): the backward has every row
+   of dinp in registers anyway, so that bias costs no separate pass over (N, C).
 
    Shapes: x/out/dout/dinp (N, C) with N = B*T, weight/bias (C,), mean/rstd fp32 (N,).
    C a multiple of the 128-bit pack (8 bf16 / 4 fp32). Saved for backward: x, mean, rstd.
@@ -16,8 +20,8 @@
    so a lane only reads back the shared memory it wrote itself (no syncs inside a row).
    Backward is deterministic: each warp accumulates dweight/dbias for its rows in its own
    shared-memory slice (lane-major, so conflict-free), the block adds the slices in warp order
-   into one fp32 partial per block (scratch, (G, 2C)), and layernorm_backward_reduce adds the G
-   partials in block order. The rows a block handles depend only on (N, G, warps per block),
+   into one fp32 partial per block (scratch, (G, K*C), K = 2, or 3 with dsum), and
+   layernorm_backward_reduce adds the G partials in block order. The rows a block handles depend only on (N, G, warps per block),
    never on scheduling.
 */
 #include "common.cuh"
@@ -126,20 +130,25 @@ extern "C" __global__ void residual_forward(floatX* out, const floatX* inp1, con
 // backward
 
 // Grid G blocks, block 32 * warps; block g takes rows g*warps + w, then + G*warps, ... Dynamic
-// shared memory 2 * warps * Cpad floats, Cpad = C rounded up to 32 packs: each warp's dweight
-// and dbias accumulators, stored lane-major (element k of the lane's j-th pack at
-// (j * size + k) * 32 + lane) so the 32 lanes of a warp hit 32 different banks. Writes the
-// block's partial sums to partial[g, 0:C] (dweight) and partial[g, C:2C] (dbias).
+// shared memory K * warps * Cpad floats (K = 3 with dsum, else 2), Cpad = C rounded up to 32
+// packs: each warp's dweight, dbias (and dsum) accumulators, stored lane-major (element k of
+// the lane's j-th pack at (j * size + k) * 32 + lane) so the 32 lanes of a warp hit 32
+// different banks. Writes the block's partial sums to partial[g, 0:C] (dweight),
+// partial[g, C:2C] (dbias) and, with dsum, partial[g, 2C:3C].
 extern "C" __global__ void layernorm_backward(floatX* dinp, float* partial, const floatX* dout,
                                               const floatX* inp, const floatX* weight,
-                                              const float* mean, const float* rstd, int N, int C) {
+                                              const float* mean, const float* rstd, int N, int C,
+                                              int with_dsum) {
     extern __shared__ __align__(16) float acc_s[];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
     const int chunk = 32 * x128::size;
     const int Cpad = (C + chunk - 1) / chunk * chunk;
-    float* dw_s = acc_s + warp * 2 * Cpad;
+    const int K = with_dsum ? 3 : 2;
+    float* dw_s = acc_s + warp * K * Cpad;
     float* db_s = dw_s + Cpad;
+    float* ds_s = db_s + Cpad;  // with_dsum only
     for (int i = lane; i < Cpad; i += 32) dw_s[i] = db_s[i] = 0.0f;
+    if (with_dsum) for (int i = lane; i < Cpad; i += 32) ds_s[i] = 0.0f;
     for (int row = blockIdx.x * warps + warp; row < N; row += gridDim.x * warps) {
         const long long base = (long long)row * C;
         const float m = mean[row], rs = rstd[row];
@@ -170,6 +179,7 @@ extern "C" __global__ void layernorm_backward(floatX* dinp, float* partial, cons
                 di[k] = from_float<floatX>(to_float(di[k]) + rs * (g - g_mean - xh * gx_mean));
                 dw_s[a + 32 * k] += d * xh;
                 db_s[a + 32 * k] += d;
+                if (with_dsum) ds_s[a + 32 * k] += to_float(di[k]);  // the value stored
             }
             store128(dinp + base + c, di);
         }
@@ -177,24 +187,25 @@ extern "C" __global__ void layernorm_backward(floatX* dinp, float* partial, cons
     __syncthreads();
     for (int c = threadIdx.x; c < C; c += blockDim.x) {
         const int a = (c / chunk) * chunk + (c % x128::size) * 32 + (c % chunk) / x128::size;
-        float dw = 0.0f, db = 0.0f;
-        for (int w = 0; w < warps; w++) {
-            dw += acc_s[w * 2 * Cpad + a];
-            db += acc_s[w * 2 * Cpad + Cpad + a];
+        float* dst = partial + (long long)blockIdx.x * K * C + c;
+        for (int j = 0; j < K; j++) {
+            float sum = 0.0f;
+            for (int w = 0; w < warps; w++) sum += acc_s[(w * K + j) * Cpad + a];
+            dst[j * C] = sum;
         }
-        partial[(long long)blockIdx.x * 2 * C + c] = dw;
-        partial[(long long)blockIdx.x * 2 * C + C + c] = db;
     }
 }
 
-// dweight += column sums of partial[:, 0:C], dbias += those of partial[:, C:2C], summed over the
-// G rows in order. Grid ceil(2C / 32), block (32, 32).
-extern "C" __global__ void layernorm_backward_reduce(floatX* dweight, floatX* dbias,
+// dweight += column sums of partial[:, 0:C], dbias += those of partial[:, C:2C] and, when dsum
+// is not null, dsum += those of partial[:, 2C:3C]; summed over the G rows in order. Grid
+// ceil(K*C / 32) (K = 3 with dsum, else 2), block (32, 32).
+extern "C" __global__ void layernorm_backward_reduce(floatX* dweight, floatX* dbias, floatX* dsum,
                                                      const float* partial, int G, int C) {
     __shared__ float scratch[32 * 32];
-    const float sum = column_sum_fixed_order(partial, G, 2 * C, scratch);
+    const int K = dsum != nullptr ? 3 : 2;
+    const float sum = column_sum_fixed_order(partial, G, K * C, scratch);
     const int col = blockIdx.x * 32 + threadIdx.x;
-    if (threadIdx.y != 0 || col >= 2 * C) return;
-    floatX* dst = col < C ? dweight + col : dbias + (col - C);
+    if (threadIdx.y != 0 || col >= K * C) return;
+    floatX* dst = col < C ? dweight + col : col < 2 * C ? dbias + (col - C) : dsum + (col - 2 * C);
     *dst = from_float<floatX>(to_float(*dst) + sum);
 }

@@ -165,12 +165,15 @@ def install_reference_ops():
         residual[...] = A(inp1) + A(inp2)
         layernorm_forward(out, mean, rstd, residual, weight, bias)
 
-    def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scratch):
+    def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scratch, *,
+                           dinp_colsum=None):
         clean(dout, dinp)
         dx, dw, db = ref.layernorm_backward(A(dout), A(inp), A(weight), A(mean), A(rstd))
         dinp += dx
         dweight += dw
         dbias += db
+        if dinp_colsum is not None:
+            dinp_colsum += A(dinp).reshape(-1, dinp.shape[-1]).sum(0)
 
     def matmul_forward(out, inp, weight, bias=None):
         x = A(inp).reshape(-1, weight.shape[1])

@@ -127,6 +127,39 @@ def test_backward(shape, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_backward_dinp_colsum(shape, dtype):
+    """dinp_colsum += the column sums of dinp as stored after the update (the bias gradient a
+    projection gets from the LayerNorm backward), with dinp, dweight, dbias as without it."""
+    import cupy
+    from llmc.ops.layernorm import layernorm_backward, layernorm_backward_scratch_size
+    rng = np.random.default_rng(sum(shape) + 5)
+    C = shape[-1]
+    N = int(np.prod(shape[:-1]))
+    x, x64 = randn(rng, shape, dtype, 2.0, 0.5)
+    w, w64, _, _ = params(rng, C, dtype)
+    dout, dout64 = randn(rng, shape, dtype)
+    dinp0, _ = randn(rng, shape, dtype, 0.5)
+    dw0, _ = randn(rng, (C,), dtype, 0.5)
+    db0, _ = randn(rng, (C,), dtype, 0.5)
+    ds0, ds064 = randn(rng, (C,), dtype, 0.5)
+    _, mean, rstd = reference.layernorm_forward(x64, w64, w64)
+    mean, rstd = mean.astype(np.float32), rstd.astype(np.float32)
+    dinp, dw, db, ds = device(dinp0), device(dw0), device(db0), device(ds0)
+    scratch = cupy.full(layernorm_backward_scratch_size(N, C) // 4, np.nan, dtype=cupy.float32)
+    layernorm_backward(dinp, dw, db, device(dout), device(x), device(w), cupy.asarray(mean),
+                       cupy.asarray(rstd), scratch, dinp_colsum=ds)
+    ref = reference.layernorm_backward(dout64, x64, w64, mean.astype(np.float64),
+                                       rstd.astype(np.float64))
+    inits = [a.astype(np.float64) for a in (dinp0, dw0, db0)]
+    for name, g, r, i in zip(("dinp", "dweight", "dbias"), (dinp, dw, db), ref, inits):
+        assert_close(host(g), i + r, dtype, name)
+    stored = host(dinp).astype(np.float64).reshape(N, C)
+    assert_close(host(ds), ds064 + stored.sum(0), dtype, "dinp_colsum")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_backward_deterministic(dtype):
     shape = (64, 1024, 768)
     a, _, _ = run_backward(shape, dtype, seed=3)

@@ -380,15 +380,18 @@ class GPUModel:
         else:
             matmul.matmul_forward(out, inp, w[name + "w"], w[name + "b"])
 
-    def _linear_backward(self, l: int, name: str, dinp, dout, inp, pre_gelu=None) -> None:
-        """dinp = dout @ W (=), dW += dout^T @ inp, db += sums of dout, for layer l's `name`."""
+    def _linear_backward(self, l: int, name: str, dinp, dout, inp, pre_gelu=None,
+                         bias: bool = True) -> None:
+        """dinp = dout @ W (=), dW += dout^T @ inp, db += sums of dout (unless bias is False: a
+        LayerNorm backward added them already), for layer l's `name`."""
         w, dw, s = self._pl[l], self._gl[l], self.acts.scratch
+        dbias = dw[name + "b"] if bias else None
         if self.fp8 is not None:
-            self.fp8.backward(l, name, dinp, dw[name + "w"], dw[name + "b"], dout, inp, s,
+            self.fp8.backward(l, name, dinp, dw[name + "w"], dbias, dout, inp, s,
                               pre_gelu=pre_gelu)
         else:
-            matmul.matmul_backward(dinp, dw[name + "w"], dw[name + "b"], dout, inp,
-                                   w[name + "w"], s, pre_gelu=pre_gelu)
+            matmul.matmul_backward(dinp, dw[name + "w"], dbias, dout, inp, w[name + "w"], s,
+                                   pre_gelu=pre_gelu)
 
     def _head(self, targets, dloss: float, backward: bool) -> None:
         """Per chunk of rows: logits = lnf @ wte.T, losses; with backward, dlogits in place,
@@ -404,11 +407,17 @@ class GPUModel:
                                        p["wte"], a.scratch)
 
     def _backward(self, inp, on_layer_grads) -> None:
-        """From dlnf (in a.btc, written by `_head`) to every parameter gradient (+=)."""
+        """From dlnf (in a.btc, written by `_head`) to every parameter gradient (+=).
+
+        The two projections that write into the residual stream (attproj, fcproj) get their bias
+        gradient, the column sums of the residual's gradient, from the LayerNorm backward that
+        finishes that gradient (ln2 for attproj; ln1 of the layer above, or lnf, for fcproj),
+        not from a pass of their own over it."""
         a, p, g, mc = self.acts, self._p, self._g, self.mc
         L, NH, s = mc.n_layer, mc.n_head, a.scratch
         layernorm.layernorm_backward(a.dresidual, g["lnfw"], g["lnfb"], a.btc, a.residual3[L - 1],
-                                     p["lnfw"], a.lnf_mean, a.lnf_rstd, s)
+                                     p["lnfw"], a.lnf_mean, a.lnf_rstd, s,
+                                     dinp_colsum=self._gl[L - 1]["fcprojb"])
         for l in reversed(range(L)):
             w, dw = self._pl[l], self._gl[l]
             residual = a.encoded if l == 0 else a.residual3[l - 1]
@@ -419,18 +428,20 @@ class GPUModel:
             elif self.recompute:
                 gelu.gelu_forward(fch_gelu, a.fch[l])
             # dfch = (dresidual @ fcprojw) * gelu'(fch): the GELU backward in the product
-            self._linear_backward(l, "fcproj", a.dfch, a.dresidual, fch_gelu, pre_gelu=a.fch[l])
+            self._linear_backward(l, "fcproj", a.dfch, a.dresidual, fch_gelu, pre_gelu=a.fch[l],
+                                  bias=False)
             self._linear_backward(l, "fc", a.btc, a.dfch, a.ln2_l[l])
             layernorm.layernorm_backward(a.dresidual, dw["ln2w"], dw["ln2b"], a.btc,
                                          a.residual2[l], w["ln2w"], a.ln2_mean[l],
-                                         a.ln2_rstd[l], s)
+                                         a.ln2_rstd[l], s, dinp_colsum=dw["attprojb"])
             # attention: residual2 = residual + attproj(attn(qkv(ln1(residual))))
-            self._linear_backward(l, "attproj", a.btc, a.dresidual, a.atty_l[l])
+            self._linear_backward(l, "attproj", a.btc, a.dresidual, a.atty_l[l], bias=False)
             attention.attention_backward(a.dqkv, a.btc3, a.qkv_l[l], a.atty_l[l], a.saved[l], NH,
                                          a.attn_scratch)
             self._linear_backward(l, "qkv", a.btc, a.dqkv, a.ln1_l[l])
-            layernorm.layernorm_backward(a.dresidual, dw["ln1w"], dw["ln1b"], a.btc, residual,
-                                         w["ln1w"], a.ln1_mean[l], a.ln1_rstd[l], s)
+            layernorm.layernorm_backward(
+                a.dresidual, dw["ln1w"], dw["ln1b"], a.btc, residual, w["ln1w"], a.ln1_mean[l],
+                a.ln1_rstd[l], s, dinp_colsum=self._gl[l - 1]["fcprojb"] if l > 0 else None)
             if on_layer_grads is not None:
                 on_layer_grads(l)
         encoder.encoder_backward(g["wte"], g["wpe"], self._dresidual3, inp, s)

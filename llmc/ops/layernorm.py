@@ -4,7 +4,10 @@
     fused_residual_layernorm_forward(residual, out, mean, rstd, inp1, inp2, weight, bias)
         residual = inp1 + inp2 (stored), then out = LayerNorm(residual)
     residual_forward(out, inp1, inp2)                       out = inp1 + inp2 (any shape)
-    layernorm_backward(dinp +=, dweight +=, dbias +=, dout, inp, weight, mean, rstd, scratch)
+    layernorm_backward(dinp +=, dweight +=, dbias +=, dout, inp, weight, mean, rstd, scratch,
+                       *, dinp_colsum=None)
+        dinp_colsum (C,) += column sums of dinp as updated: the bias gradient of the linear
+        layer whose output joined the residual stream dinp is the gradient of
 Functional forms (allocate their outputs and scratch):
     layernorm(x, weight, bias) -> out, (mean, rstd)
     layernorm_grad(dout, x, weight, saved) -> dx, dweight, dbias
@@ -13,8 +16,9 @@ Functional forms (allocate their outputs and scratch):
 
 Rows may be given as (N, C) or (B, T, C): every dimension but the last is a row. C must be a
 multiple of the 128-bit pack (8 bf16 / 4 fp32). One warp per row; the forward caches the row in
-shared memory. The backward is deterministic: per-block fp32 partials of dweight/dbias in
-scratch (`layernorm_backward_scratch_size(N, C)` bytes), then a fixed-order reduction.
+shared memory. The backward is deterministic: per-block fp32 partials of dweight/dbias (and
+dinp_colsum) in scratch (`layernorm_backward_scratch_size(N, C)` bytes), then a fixed-order
+reduction.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from llmc.ops.arrays import empty, scratch as new_scratch, zeros
 FWD_WARPS = 8       # rows per forward block
 BWD_MAX_WARPS = 16          # rows in flight per backward block, at most
 BWD_SMEM_BUDGET = 96 * 1024  # the block's per-warp accumulators fit every supported GPU's opt-in
-BWD_MAX_BLOCKS = 256        # fp32 partials (G, 2C) the reduction then adds
+BWD_MAX_BLOCKS = 256        # fp32 partials (G, 2C or 3C) the reduction then adds
 EW_BLOCK = 256      # residual_forward
 
 
@@ -110,41 +114,50 @@ def residual_forward(out, inp1, inp2):
     return out
 
 
-def _backward_geometry(N: int, C: int, dt: str) -> tuple:
-    """(blocks G, warps per block) of the backward: fixed by (N, C, dtype) alone, so the
-    summation order is the same on any GPU. As many warps as BWD_SMEM_BUDGET holds (16 at
-    C = 768: 256 blocks of 16 warps keep as many rows in flight as 1024 blocks of 4, and leave a
-    quarter of the partials for the reduction to add)."""
+def _backward_geometry(N: int, C: int, dt: str, K: int = 2) -> tuple:
+    """(blocks G, warps per block) of the backward with K accumulators per column (2; 3 with
+    dinp_colsum): fixed by (N, C, dtype, K) alone, so the summation order is the same on any
+    GPU. As many warps as BWD_SMEM_BUDGET holds (16 at C = 768 and K = 2: 256 blocks of 16 warps
+    keep as many rows in flight as 1024 blocks of 4, and leave a quarter of the partials for the
+    reduction to add; 10 with K = 3)."""
     chunk = 32 * pack_size(dt)
-    per_warp = 2 * ceil_div(C, chunk) * chunk * 4
+    per_warp = K * ceil_div(C, chunk) * chunk * 4
     warps = max(1, min(BWD_MAX_WARPS, BWD_SMEM_BUDGET // per_warp))
     return max(1, min(ceil_div(N, warps), BWD_MAX_BLOCKS)), warps
 
 
 def layernorm_backward_scratch_size(N: int, C: int) -> int:
-    """Bytes of scratch layernorm_backward needs: fp32 (G, 2C) partials, G <= min(N, 256)."""
-    return max(1, min(N, BWD_MAX_BLOCKS)) * 2 * C * 4
+    """Bytes of scratch layernorm_backward needs: fp32 (G, 3C) partials, G <= min(N, 256)."""
+    return max(1, min(N, BWD_MAX_BLOCKS)) * 3 * C * 4
 
 
-def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scratch):
-    """dinp += dL/dinp; dweight += sum(dout * xhat); dbias += sum(dout). Deterministic."""
+def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, scratch, *,
+                       dinp_colsum=None):
+    """dinp += dL/dinp; dweight += sum(dout * xhat); dbias += sum(dout); dinp_colsum (C,) or
+    None += the column sums of dinp after that update (a linear layer's bias gradient when dinp
+    is the gradient of its output). Deterministic."""
     dt, N, C = _check_ln(("inp",), inp, mean, rstd, weight, None,
                          [("dout", dout), ("dinp", dinp)])
     check("dweight", dweight, (C,), dt)
     check("dbias", dbias, (C,), dt)
-    G, warps = _backward_geometry(N, C, dt)
+    if dinp_colsum is not None:
+        check("dinp_colsum", dinp_colsum, (C,), dt)
+    K = 2 if dinp_colsum is None else 3
+    G, warps = _backward_geometry(N, C, dt, K)
     partial = check_scratch("scratch", scratch, layernorm_backward_scratch_size(N, C))
     if N == 0:
         return
     kernel = kernels.function("layernorm", "layernorm_backward", dt)
     chunk = 32 * pack_size(dt)  # the kernel pads each warp's accumulators to whole chunks
-    smem = warps * 2 * ceil_div(C, chunk) * chunk * 4
+    smem = warps * K * ceil_div(C, chunk) * chunk * 4
     set_dynamic_smem(kernel, smem)
     kernel((G,), (32 * warps,),
-           (dinp, partial, dout, inp, weight, mean, rstd, np.int32(N), np.int32(C)),
-           shared_mem=smem)
+           (dinp, partial, dout, inp, weight, mean, rstd, np.int32(N), np.int32(C),
+            np.int32(K == 3)), shared_mem=smem)
     kernels.function("layernorm", "layernorm_backward_reduce", dt)(
-        (ceil_div(2 * C, 32),), (32, 32), (dweight, dbias, partial, np.int32(G), np.int32(C)))
+        (ceil_div(K * C, 32),), (32, 32),
+        (dweight, dbias, dinp_colsum if dinp_colsum is not None else np.uint64(0), partial,
+         np.int32(G), np.int32(C)))
 
 
 # ---------------------------------------------------------------------------------------------
