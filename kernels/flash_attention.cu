@@ -23,13 +23,10 @@ __device__ __forceinline__ void flash_forward(bf16* __restrict__ out, float* __r
                                               const bf16* __restrict__ qkv, int B, int T,
                                               int NH) {
     constexpr int BR = 16 * NW, NT = 32 * NW;
-    const int n_qt = (T + BR - 1) / BR;
-    const int2 job = fa_schedule(B * NH, n_qt);
-    const int bh = job.x;
+    const FaTile tile = fa_query_tile(BR, B, T, NH);
+    const int bh = tile.bh, q0 = tile.lo, q_end = tile.hi;
     const FaHead hd = fa_head(qkv, bh, T, NH);
     const int b = hd.b, h = hd.h, C = hd.C;
-    const int q0 = (n_qt - 1 - job.y) * BR;  // rank 0 = the last rows, which see the most keys
-    const int q_end = min(q0 + BR, T);
     const int n_kt = (q_end + FA_TILE - 1) / FA_TILE;  // key tiles holding keys < q_end
 
     const long long stride = hd.stride;

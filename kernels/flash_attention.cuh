@@ -212,6 +212,26 @@ __device__ __forceinline__ int2 fa_schedule(int n_bh, int n_tiles) {
     return make_int2(first + r % size, r / size);
 }
 
+// A block's job: head bh and its tile [lo, hi) of `rows` query (or key) rows, hi <= T.
+struct FaTile {
+    int bh, lo, hi;
+};
+
+// Query tiles, rank 0 the last one (its rows see the most keys, so it starts first).
+__device__ __forceinline__ FaTile fa_query_tile(int rows, int B, int T, int NH) {
+    const int n = (T + rows - 1) / rows;
+    const int2 job = fa_schedule(B * NH, n);
+    const int lo = (n - 1 - job.y) * rows;
+    return FaTile{job.x, lo, min(lo + rows, T)};
+}
+
+// Key tiles, rank 0 the first one (every query sees its keys).
+__device__ __forceinline__ FaTile fa_key_tile(int rows, int B, int T, int NH) {
+    const int2 job = fa_schedule(B * NH, (T + rows - 1) / rows);
+    const int lo = job.y * rows;
+    return FaTile{job.x, lo, min(lo + rows, T)};
+}
+
 // Head bh = b * NH + h of the (B, T, 3, NH, HS) qkv rows, as every kernel's set-up needs it:
 // its batch and head, C = NH * HS, the row stride 3C of qkv (and dqkv), and row 0 of its q, k
 // and v columns.

@@ -28,13 +28,10 @@ __device__ __forceinline__ void flash_backward_dq(
         const bf16* __restrict__ qkv, const bf16* __restrict__ out,
         const float* __restrict__ lse, int B, int T, int NH) {
     constexpr int BR = 16 * NW, NT = 32 * NW;
-    const int n_qt = (T + BR - 1) / BR;
-    const int2 job = fa_schedule(B * NH, n_qt);
-    const int bh = job.x;
+    const FaTile tile = fa_query_tile(BR, B, T, NH);
+    const int bh = tile.bh, q0 = tile.lo, q_end = tile.hi;
     const FaHead hd = fa_head(qkv, bh, T, NH);
     const int b = hd.b, h = hd.h, C = hd.C;
-    const int q0 = (n_qt - 1 - job.y) * BR;  // rank 0 = the last rows, which see the most keys
-    const int q_end = min(q0 + BR, T);
     const int n_kt = (q_end + FA_TILE - 1) / FA_TILE;
 
     const long long stride = hd.stride;
@@ -127,13 +124,10 @@ __device__ __forceinline__ void flash_backward_dkdv(
         const bf16* __restrict__ qkv, const float* __restrict__ lse,
         const float* __restrict__ D, int B, int T, int NH) {
     constexpr int BC = 16 * NW, NT = 32 * NW;
-    const int n_kt = (T + BC - 1) / BC;
-    const int2 job = fa_schedule(B * NH, n_kt);
-    const int bh = job.x;
+    const FaTile tile = fa_key_tile(BC, B, T, NH);
+    const int bh = tile.bh, k0 = tile.lo, k_end = tile.hi;
     const FaHead hd = fa_head(qkv, bh, T, NH);
     const int b = hd.b, h = hd.h, C = hd.C;
-    const int k0 = job.y * BC;  // rank 0 = the first keys, which every query sees
-    const int k_end = min(k0 + BC, T);
     const int n_qt = (T - k0 + FA_TILE - 1) / FA_TILE;  // query tiles from k0 (earlier: all masked)
 
     const long long stride = hd.stride;

@@ -60,13 +60,10 @@ __device__ __forceinline__ void fa9_forward(bf16* __restrict__ out, float* __res
     static_assert(BC == 64 || BC == 128, "key tiles of 64 or 128");
     constexpr int BR = 64 * NWG, NT = 128 * NWG, NS = BC / 8;
     constexpr unsigned KV_BYTES = (BC / FA_TILE) * FA_TILE_BYTES;  // BC rows of 128 bytes
-    const int n_qt = (T + BR - 1) / BR;
-    const int2 job = fa_schedule(B * NH, n_qt);
-    const int bh = job.x;
+    const FaTile tile = fa_query_tile(BR, B, T, NH);
+    const int bh = tile.bh, q0 = tile.lo, q_end = tile.hi;
     const FaHead hd = fa_head(qkv, bh, T, NH);
     const int b = hd.b, h = hd.h, C = hd.C;
-    const int q0 = (n_qt - 1 - job.y) * BR;  // rank 0 = the last rows, which see the most keys
-    const int q_end = min(q0 + BR, T);
     const int n_kt = (q_end + BC - 1) / BC;  // key tiles holding keys < q_end
 
     const long long stride = hd.stride;

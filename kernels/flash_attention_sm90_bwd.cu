@@ -33,13 +33,10 @@ __device__ __forceinline__ void fa9_backward_dq(
         const bf16* __restrict__ qkv, const bf16* __restrict__ out,
         const float* __restrict__ lse, int B, int T, int NH) {
     constexpr int BR = 64, NT = 128;
-    const int n_qt = (T + BR - 1) / BR;
-    const int2 job = fa_schedule(B * NH, n_qt);
-    const int bh = job.x;
+    const FaTile tile = fa_query_tile(BR, B, T, NH);
+    const int bh = tile.bh, q0 = tile.lo, q_end = tile.hi;
     const FaHead hd = fa_head(qkv, bh, T, NH);
     const int b = hd.b, h = hd.h, C = hd.C;
-    const int q0 = (n_qt - 1 - job.y) * BR;  // rank 0 = the last rows, which see the most keys
-    const int q_end = min(q0 + BR, T);
     // Key tiles with keys < q_end; q0 is a multiple of 64, so each holds keys <= q0: none is
     // skipped (wgmma needs the whole warpgroup anyway), only the last one is masked.
     const int n_kt = (q_end + FA_TILE - 1) / FA_TILE;
@@ -146,13 +143,10 @@ __device__ __forceinline__ void fa9_backward_dkdv(
         const bf16* __restrict__ qkv, const float* __restrict__ lse,
         const float* __restrict__ D, int B, int T, int NH) {
     constexpr int BC = 64, NT = 128;
-    const int n_kt = (T + BC - 1) / BC;
-    const int2 job = fa_schedule(B * NH, n_kt);
-    const int bh = job.x;
+    const FaTile tile = fa_key_tile(BC, B, T, NH);
+    const int bh = tile.bh, k0 = tile.lo, k_end = tile.hi;
     const FaHead hd = fa_head(qkv, bh, T, NH);
     const int b = hd.b, h = hd.h, C = hd.C;
-    const int k0 = job.y * BC;  // rank 0 = the first keys, which every query sees
-    const int k_end = min(k0 + BC, T);
     // Query tiles from k0 (earlier queries precede every key); each holds a query >= k0 + 63 or
     // the last query, so none is skipped, and only the first and the last are masked.
     const int n_qt = (T - k0 + FA_TILE - 1) / FA_TILE;
