@@ -16,10 +16,11 @@ from llmc.ops import ceil_div, check, check_aligned, check_same, dtype_name, pac
 from llmc.ops.arrays import empty
 
 BLOCK = 256
+FWD_PACKS = 2  # GELU_FWD_PACKS in kernels/gelu.cu: packs per thread of the forward
 
 
-def _grid(n: int, dtype) -> tuple:
-    return (max(1, ceil_div(ceil_div(n, pack_size(dtype)), BLOCK)),)
+def _grid(n: int, dtype, packs_per_thread: int = 1) -> tuple:
+    return (max(1, ceil_div(ceil_div(n, pack_size(dtype)), BLOCK * packs_per_thread)),)
 
 
 def gelu_forward(out, inp):
@@ -32,7 +33,7 @@ def gelu_forward(out, inp):
     if inp.size == 0:
         return out
     kernels.function("gelu", "gelu_forward", dt)(
-        _grid(inp.size, inp.dtype), (BLOCK,), (out, inp, np.int64(inp.size)))
+        _grid(inp.size, inp.dtype, FWD_PACKS), (BLOCK,), (out, inp, np.int64(inp.size)))
     return out
 
 
