@@ -20,6 +20,15 @@
 // Deterministic: fixed-order block reductions, no atomics.
 #include "common.cuh"
 
+// 16-byte chunks a thread loads before using them, in pass 1 and in pass 2 (measured on the
+// H200, see docs/RESULTS.md)
+#ifndef CLS_UNROLL1
+#define CLS_UNROLL1 2
+#endif
+#ifndef CLS_UNROLL2
+#define CLS_UNROLL2 2
+#endif
+
 extern "C" __global__ void fused_classifier(floatX* logits, float* __restrict__ losses,
                                             const int* __restrict__ targets, float dloss, int V,
                                             int Vp, int write_dlogits) {
@@ -32,22 +41,34 @@ extern "C" __global__ void fused_classifier(floatX* logits, float* __restrict__ 
     const float x_target = (threadIdx.x == 0 && valid) ? to_float(x[target]) : 0.0f;
 
     const int real_chunks = (V + P - 1) / P;  // chunks holding at least one column < V
+    const int stride = blockDim.x;
     float m = NEG_INF, s = 0.0f;
-    for (int c = threadIdx.x; c < real_chunks; c += blockDim.x) {
-        const x128 packed = load128(x + c * P);
-        float v[P];
-        float cm = NEG_INF;
+    // A thread's chunks are c = threadIdx.x + i * stride, taken in order of i; CLS_UNROLL1 of
+    // them are loaded before any is used (CLS_UNROLL2 in pass 2), so that enough bytes are in
+    // flight per SM.
+    for (int c0 = threadIdx.x; c0 < real_chunks; c0 += CLS_UNROLL1 * stride) {
+        x128 packed[CLS_UNROLL1];
 #pragma unroll
-        for (int k = 0; k < P; k++) {
-            v[k] = c * P + k < V ? to_float(packed[k]) : NEG_INF;
-            cm = fmaxf(cm, v[k]);
+        for (int u = 0; u < CLS_UNROLL1; u++)
+            if (c0 + u * stride < real_chunks) packed[u] = load128(x + (c0 + u * stride) * P);
+#pragma unroll
+        for (int u = 0; u < CLS_UNROLL1; u++) {
+            const int c = c0 + u * stride;
+            if (c >= real_chunks) break;
+            float v[P];
+            float cm = NEG_INF;
+#pragma unroll
+            for (int k = 0; k < P; k++) {
+                v[k] = c * P + k < V ? to_float(packed[u][k]) : NEG_INF;
+                cm = fmaxf(cm, v[k]);
+            }
+            // cm is finite (every chunk here has a real column), so m_new is too: no inf - inf.
+            const float m_new = fmaxf(m, cm);
+            s *= __expf(m - m_new);
+#pragma unroll
+            for (int k = 0; k < P; k++) s += __expf(v[k] - m_new);
+            m = m_new;
         }
-        // cm is finite (every chunk here has a real column), so m_new is too: no inf - inf.
-        const float m_new = fmaxf(m, cm);
-        s *= __expf(m - m_new);
-#pragma unroll
-        for (int k = 0; k < P; k++) s += __expf(v[k] - m_new);
-        m = m_new;
     }
     const float row_max = block_max(m, scratch);
     // Threads that saw no chunk have m = -inf and s = 0: exp(-inf) = 0 keeps them out.
@@ -59,26 +80,29 @@ extern "C" __global__ void fused_classifier(floatX* logits, float* __restrict__ 
 
     const float inv_sum = 1.0f / row_sum;
     const int all_chunks = Vp / P;
-    for (int c = threadIdx.x; c < all_chunks; c += blockDim.x) {
-        x128 out;
-        if (c < real_chunks) {
-            const x128 packed = load128cs(x + c * P);
+    for (int c0 = threadIdx.x; c0 < all_chunks; c0 += CLS_UNROLL2 * stride) {
+        x128 packed[CLS_UNROLL2];
+#pragma unroll
+        for (int u = 0; u < CLS_UNROLL2; u++)  // every load before any store of this group
+            if (c0 + u * stride < real_chunks) packed[u] = load128cs(x + (c0 + u * stride) * P);
+#pragma unroll
+        for (int u = 0; u < CLS_UNROLL2; u++) {
+            const int c = c0 + u * stride;
+            if (c >= all_chunks) break;
+            x128 out;
 #pragma unroll
             for (int k = 0; k < P; k++) {
                 const int j = c * P + k;
                 float g = 0.0f;
                 if (j < V) {
-                    const float p = __expf(to_float(packed[k]) - row_max) * inv_sum;
+                    const float p = __expf(to_float(packed[u][k]) - row_max) * inv_sum;
                     g = dloss * (p - (j == target ? 1.0f : 0.0f));
                 }
-                out[k] = from_float<floatX>(g);
+                out[k] = from_float<floatX>(g);  // padded columns (j >= V) are written as 0
             }
-        } else {
-#pragma unroll
-            for (int k = 0; k < P; k++) out[k] = from_float<floatX>(0.0f);
+            // Default store policy: the lm-head backward matmul reads dlogits next.
+            store128(x + c * P, out);
         }
-        // Default store policy: the lm-head backward matmul reads dlogits next.
-        store128(x + c * P, out);
     }
 }
 
