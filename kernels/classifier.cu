@@ -22,12 +22,8 @@
 
 // 16-byte chunks a thread loads before using them, in pass 1 and in pass 2 (measured on the
 // H200, see docs/RESULTS.md)
-#ifndef CLS_UNROLL1
 #define CLS_UNROLL1 2
-#endif
-#ifndef CLS_UNROLL2
 #define CLS_UNROLL2 2
-#endif
 
 extern "C" __global__ void fused_classifier(floatX* logits, float* __restrict__ losses,
                                             const int* __restrict__ targets, float dloss, int V,
