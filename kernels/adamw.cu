@@ -93,16 +93,35 @@ extern "C" __global__ void adamw_update(floatX* params, float* master, const flo
                                         unsigned int seed) {
     const long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * x128::size;
     if (i0 >= n) return;
+    float* p32 = master != nullptr ? master : reinterpret_cast<float*>(params);
+    // A whole pack's loads are issued first, before the set-up below (the clip factor, the bias
+    // corrections, the bisection over the decay ranges: chains of dependent loads and math), so
+    // that their latency overlaps the pack's memory traffic instead of preceding it. Every load
+    // of the pack is issued before any store (the stores could alias the loads, which would
+    // otherwise serialise them). Parameters are read and written once per step: streaming hints
+    // keep them out of L2's way.
+    constexpr int Q = x128::size / f128::size;  // fp32 quads per pack: 2 for bf16, 1 for fp32
+    const bool whole = i0 + x128::size <= n;
+    x128 g;
+    f128 pp[Q], mm[Q], vv[Q];
+    if (whole) {
+        g = load128cs(grads + i0);
+        #pragma unroll
+        for (int q = 0; q < Q; q++) {
+            pp[q] = load128cs(p32 + i0 + q * f128::size);
+            mm[q] = load128cs(m + i0 + q * f128::size);
+            vv[q] = load128cs(v + i0 + q * f128::size);
+        }
+    }
     float clip = 1.0f;
     if (grad_clip > 0.0f) clip = fminf(1.0f, grad_clip / (sqrtf(*norm_sq) + 1e-6f));
     const float bc1 = 1.0f - powf(beta1, (float)step);
     const float bc2 = 1.0f - powf(beta2, (float)step);
     const unsigned int stream_seed = hash_u32((unsigned int)step, seed);
-    float* p32 = master != nullptr ? master : reinterpret_cast<float*>(params);
 
     int r = first_range_ending_after(offset + i0, ranges, n_ranges);
 
-    if (i0 + x128::size > n) {  // the last, partial pack: element by element
+    if (!whole) {  // the last, partial pack: element by element
         for (long long i = i0; i < n; i++) {
             const long long gi = offset + i;
             const float wd = decayed_at(gi, ranges, n_ranges, r) ? weight_decay : 0.0f;
@@ -115,18 +134,6 @@ extern "C" __global__ void adamw_update(floatX* params, float* master, const flo
             store_rounded(params + i, p, hash_u32((unsigned int)gi, stream_seed));
         }
         return;
-    }
-    // Every load of the pack is issued before any store, so a thread keeps all of its bytes in
-    // flight at once (the stores could alias the loads, which would otherwise serialise them).
-    // Parameters are read and written once per step: streaming hints keep them out of L2's way.
-    constexpr int Q = x128::size / f128::size;  // fp32 quads per pack: 2 for bf16, 1 for fp32
-    const x128 g = load128cs(grads + i0);
-    f128 pp[Q], mm[Q], vv[Q];
-    #pragma unroll
-    for (int q = 0; q < Q; q++) {
-        pp[q] = load128cs(p32 + i0 + q * f128::size);
-        mm[q] = load128cs(m + i0 + q * f128::size);
-        vv[q] = load128cs(v + i0 + q * f128::size);
     }
     x128 out;
     #pragma unroll
