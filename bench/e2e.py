@@ -1,15 +1,16 @@
 """End to end: llmc (GPUModel + GPUAdamW, bf16) against the project's PyTorch GPT-2, one process.
 
     python bench/e2e.py --model d12 --batch-size 64 --seq-len 1024 --steps 20 [--grad-accum 1]
-        [--recompute 1] [--classifier-chunks 1] [--attention auto] [--no-graphs] [--compare-eager]
+        [--recompute 1] [--classifier-chunks 1,4] [--attention auto] [--no-graphs] [--compare-eager]
         [--fp8 [--fp8-wgrad 1] [--fp8-fast-accum 1]]
         [--no-torch] [--torch-batch-size 16,64] [--torch-compile | --no-torch-compile]
         [--profile] [--json OUT]
     python bench/e2e.py --batch-size 16,24,32,64 --recompute 0,1 --torch-batch-size 16,64
         every (B, recompute) pair of llmc, and the peer at the given B, in one process
 
---batch-size and --recompute take comma lists: llmc runs every pair (B, recompute), the PyTorch
-peer every B of --torch-batch-size (default: those of --batch-size). --graphs (default) replays
+--batch-size, --recompute and --classifier-chunks take comma lists: llmc runs every (B,
+recompute, chunks), the PyTorch peer every B of --torch-batch-size (default: those of
+--batch-size). --graphs (default) replays
 each llmc micro-step as a CUDA graph; --compare-eager also runs each pair with eager launches,
 and the difference of the two step times is the GPU's idle time between launches that the
 graph removed (the "gap").
@@ -83,8 +84,9 @@ def parse_args(argv=None):
                     help="llmc, recompute 0: the fc product writes the GELU too (GELU_AUX_BIAS)")
     ap.add_argument("--compare-eager", action="store_true",
                     help="llmc: also run each configuration with eager launches (the gap)")
-    ap.add_argument("--classifier-chunks", type=int, default=1,
-                    help="llmc: run the LM head over this many chunks of rows (less memory)")
+    ap.add_argument("--classifier-chunks", type=int_list, default=[1],
+                    help="llmc: run the LM head over this many chunks of rows (less memory); "
+                         "comma list")
     ap.add_argument("--attention", default="auto", choices=("auto", "flash", "matmul"))
     ap.add_argument("--torch", dest="torch", action=argparse.BooleanOptionalAction, default=True,
                     help="also run the PyTorch peer (--no-torch: llmc only)")
@@ -103,12 +105,12 @@ def parse_args(argv=None):
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--seed", type=int, default=1337)
     args = ap.parse_args(argv)
-    for name in ("seq_len", "steps", "grad_accum", "classifier_chunks"):
+    for name in ("seq_len", "steps", "grad_accum"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.torch_batch_size is None:
         args.torch_batch_size = list(args.batch_size)
-    for name in ("batch_size", "torch_batch_size"):
+    for name in ("batch_size", "torch_batch_size", "classifier_chunks"):
         if min(getattr(args, name)) < 1:
             ap.error(f"--{name.replace('_', '-')} values must be >= 1")
     if not set(args.recompute) <= {0, 1}:
@@ -224,22 +226,23 @@ class LlmcRunner:
         self.cupy.get_default_memory_pool().free_all_blocks()
 
 
-def run_llmc(args, mc, B, recompute, graphs, fp8=False):
+def run_llmc(args, mc, B, recompute, graphs, fp8=False, chunks=1):
     r = LlmcRunner(mc, B, args.seq_len, args.grad_accum, recompute, args.attention, args.seed,
-                   args.classifier_chunks, graphs=graphs and not args.profile,
+                   chunks, graphs=graphs and not args.profile,
                    gelu_epilogue=args.gelu_epilogue and not recompute, fp8=fp8,
                    fp8_wgrad=bool(args.fp8_wgrad), fp8_fast_accum=bool(args.fp8_fast_accum))
-    name = (f"llmc B={B}" + (" rc" if recompute else "") + (" ge" if r.model.gelu_epilogue else "")
+    name = (f"llmc B={B}" + (" rc" if recompute else "") + (f" c{chunks}" if chunks > 1 else "")
+            + (" ge" if r.model.gelu_epilogue else "")
             + (" fp8" if fp8 else "") + ("" if r.model.graphs else " eager"))
     setup = (f"attention {r.model.attention}, recompute {recompute}, classifier chunks "
-             f"{args.classifier_chunks}, graphs {r.model.graphs}")
+             f"{chunks}, graphs {r.model.graphs}")
     if fp8:
         setup += f", fp8 wgrad {args.fp8_wgrad}, fast accum {args.fp8_fast_accum}"
     out = timed_run(name, r, args, mc, setup, B)
     if r.model.graph_failure:
         print(f"{name}: no CUDA graphs: {r.model.graph_failure}", file=sys.stderr)
     out.update(B=B, recompute=recompute, graphs=r.model.graphs, attention=r.model.attention,
-               fp8=fp8)
+               fp8=fp8, classifier_chunks=chunks)
     if fp8:
         out["fp8_stats"] = r.model.fp8_stats()
         out["fp8_dgelu_fused"] = r.model.fp8.dgelu_fused
@@ -388,12 +391,12 @@ def ratios(results: dict) -> list:
     """llmc (graphs) against the peer at the same B, and graphs against eager (the gap)."""
     out = []
     torch_at = {r["B"]: r for r in results["torch"]}
-    eager = {(r["B"], r["recompute"]): r for r in results["llmc"]
-             if not r["graphs"] and not r["fp8"]}
-    bf16 = {(r["B"], r["recompute"]): r for r in results["llmc"]
-            if r["graphs"] == results["graphs"] and not r["fp8"]}
+    def key(r):
+        return r["B"], r["recompute"], r["classifier_chunks"]
+    eager = {key(r): r for r in results["llmc"] if not r["graphs"] and not r["fp8"]}
+    bf16 = {key(r): r for r in results["llmc"] if r["graphs"] == results["graphs"] and not r["fp8"]}
     for r in results["llmc"]:
-        b = bf16.get((r["B"], r["recompute"]))
+        b = bf16.get(key(r))
         if r["fp8"] and b is not None:
             q = r["tokens_per_s"] / b["tokens_per_s"]
             out.append({"llmc": r["name"], "bf16": b["name"], "tokens_per_s": q,
@@ -410,7 +413,7 @@ def ratios(results: dict) -> list:
                         "memory": r["mem_device_bytes"] / t["mem_device_bytes"],
                         "text": f"{r['name']} / {t['name']}: tokens/s x{q:.3f}, memory "
                                 f"x{r['mem_device_bytes'] / t['mem_device_bytes']:.3f}"})
-        e = eager.get((r["B"], r["recompute"]))
+        e = eager.get(key(r))
         if r["graphs"] and e is not None and not r["fp8"]:
             gap = e["ms_per_step"] - r["ms_per_step"]
             out.append({"llmc": r["name"], "eager": e["name"], "gap_ms": gap,
@@ -433,11 +436,13 @@ def main(argv=None) -> int:
                "flops_per_token": flops_per_token(mc, args.seq_len), "llmc": [], "torch": []}
     for B in args.batch_size:
         for recompute in args.recompute:
-            modes = [args.graphs] + ([False] if args.compare_eager and args.graphs else [])
-            for graphs in modes:
-                results["llmc"].append(run_llmc(args, mc, B, recompute, graphs))
-            if args.fp8:
-                results["llmc"].append(run_llmc(args, mc, B, recompute, args.graphs, fp8=True))
+            for chunks in args.classifier_chunks:
+                modes = [args.graphs] + ([False] if args.compare_eager and args.graphs else [])
+                for graphs in modes:
+                    results["llmc"].append(run_llmc(args, mc, B, recompute, graphs, chunks=chunks))
+                if args.fp8:
+                    results["llmc"].append(run_llmc(args, mc, B, recompute, args.graphs, fp8=True,
+                                                    chunks=chunks))
     if args.torch:
         for B in args.torch_batch_size:
             try:
