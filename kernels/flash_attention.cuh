@@ -90,12 +90,31 @@ __device__ __forceinline__ unsigned fa_offset(int row, int chunk) {
 
 // Start copying ROWS rows of 64 bf16 (row r at src + r * stride) into the tile at `dst`; rows
 // from `valid` on are zero-filled (their source address is clamped to row 0, never read).
+// A thread copies chunk c = threadIdx.x % 8 of rows r0, r0 + STEP, ... (r0 = threadIdx.x / 8,
+// STEP = NTHREADS / 8). With STEP a multiple of 8 every one of those rows has r0's swizzle, so
+// when the whole tile is valid (every tile but a sequence's last partial one) the shared and
+// global addresses just advance by fixed steps: no per-chunk index arithmetic or predicate.
 template <int ROWS, int NTHREADS>
 __device__ __forceinline__ void fa_load_tile(unsigned dst, const bf16* src,
                                              long long stride, int valid) {
     static_assert((ROWS * 8) % NTHREADS == 0, "whole chunks per thread");
+    constexpr int STEP = NTHREADS / 8, CHUNKS = ROWS * 8 / NTHREADS;
+    if constexpr (STEP % 8 == 0) {
+        if (valid >= ROWS) {
+            const int r0 = threadIdx.x >> 3, c = threadIdx.x & 7;
+            const unsigned d = dst + fa_offset(r0, c);
+            const bf16* p = src + r0 * stride + c * 8;
 #pragma unroll
-    for (int j = 0; j < ROWS * 8 / NTHREADS; j++) {
+            for (int j = 0; j < CHUNKS; j++) {
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n"
+                             ::"r"(d + j * STEP * 128), "l"(p));
+                p += STEP * stride;
+            }
+            return;
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < CHUNKS; j++) {
         const int i = threadIdx.x + j * NTHREADS;
         const int r = i >> 3, c = i & 7;
         const bool ok = r < valid;
