@@ -27,14 +27,15 @@
 // of the BC-key K tile. Waits for the result.
 template <int BC>
 __device__ __forceinline__ void fa9_scores(float (&s)[BC / 8][4], unsigned q, unsigned k) {
+    const unsigned qlo = fa9_desc_lo_k(q), klo = fa9_desc_lo_k(k);
     fa9_pin(s);
     fa9_fence();
 #pragma unroll
-    for (int kk = 0; kk < FA_HS / 16; kk++) {
+    for (int kk = 0; kk < FA_HS / 16; kk++) {  // slice kk: 32 bytes on
         if constexpr (BC == 128)
-            fa9_ss_n128(s, fa9_desc_k(q + 32 * kk), fa9_desc_k(k + 32 * kk), kk);
+            fa9_ss_n128(s, fa9_desc(qlo + 2 * kk), fa9_desc(klo + 2 * kk), kk);
         else
-            fa9_ss_n64(s, fa9_desc_k(q + 32 * kk), fa9_desc_k(k + 32 * kk), kk);
+            fa9_ss_n64(s, fa9_desc(qlo + 2 * kk), fa9_desc(klo + 2 * kk), kk);
     }
     fa9_commit();
     fa9_wait_all();
@@ -45,10 +46,11 @@ __device__ __forceinline__ void fa9_scores(float (&s)[BC / 8][4], unsigned q, un
 template <int BC>
 __device__ __forceinline__ void fa9_pv(float (&o)[8][4], const unsigned (&p)[BC / 16][4],
                                        unsigned v) {
+    const unsigned vlo = fa9_desc_lo_mn(v);
     fa9_pin(o);
     fa9_fence();
 #pragma unroll
-    for (int kk = 0; kk < BC / 16; kk++) fa9_rs_n64_mn(o, p[kk], fa9_desc_mn(v + 2048 * kk));
+    for (int kk = 0; kk < BC / 16; kk++) fa9_rs_n64_mn(o, p[kk], fa9_desc(vlo + 128 * kk));
     fa9_commit();
     fa9_wait_all();
     fa9_pin(o);
