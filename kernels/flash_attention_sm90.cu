@@ -62,9 +62,9 @@ __device__ __forceinline__ void fa9_forward(bf16* __restrict__ out, float* __res
     static_assert(BC == 64 || BC == 128, "key tiles of 64 or 128");
     constexpr int BR = 64 * NWG, NT = 128 * NWG, NS = BC / 8;
     constexpr unsigned KV_BYTES = (BC / FA_TILE) * FA_TILE_BYTES;  // BC rows of 128 bytes
-    const FaTile tile = fa_query_tile(BR, B, T, NH);
+    const FaTile tile = fa_query_tile(BR, T, NH);
     const int bh = tile.bh, q0 = tile.lo, q_end = tile.hi;
-    const FaHead hd = fa_head(qkv, bh, T, NH);
+    const FaHead hd = fa_head(qkv, tile, T, NH);
     const int b = hd.b, h = hd.h, C = hd.C;
     const int n_kt = (q_end + BC - 1) / BC;  // key tiles holding keys < q_end
 
