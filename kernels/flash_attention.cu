@@ -23,9 +23,9 @@ __device__ __forceinline__ void flash_forward(bf16* __restrict__ out, float* __r
                                               const bf16* __restrict__ qkv, int B, int T,
                                               int NH) {
     constexpr int BR = 16 * NW, NT = 32 * NW;
-    const FaTile tile = fa_query_tile(BR, B, T, NH);
+    const FaTile tile = fa_query_tile(BR, T, NH);
     const int bh = tile.bh, q0 = tile.lo, q_end = tile.hi;
-    const FaHead hd = fa_head(qkv, bh, T, NH);
+    const FaHead hd = fa_head(qkv, tile, T, NH);
     const int b = hd.b, h = hd.h, C = hd.C;
     const int n_kt = (q_end + FA_TILE - 1) / FA_TILE;  // key tiles holding keys < q_end
 

@@ -27,7 +27,6 @@ typedef __nv_bfloat16 bf16;
 constexpr int FA_HS = 64;          // head size: one 128-byte tile row
 constexpr int FA_TILE = 64;        // rows of a streamed tile: keys (forward, dq), queries (dk/dv)
 constexpr int FA_TILE_BYTES = FA_TILE * FA_HS * 2;
-constexpr int FA_GROUP = 16;       // heads scheduled together (see fa_schedule)
 constexpr float FA_LOG2E = 1.4426950408889634f;
 // softmax(s / 8) = 2^(s * FA_SCALE_LOG2 - m * FA_SCALE_LOG2) / sum: one FFMA per score
 constexpr float FA_SCALE = 0.125f;  // 1 / sqrt(FA_HS)
@@ -90,12 +89,31 @@ __device__ __forceinline__ unsigned fa_offset(int row, int chunk) {
 
 // Start copying ROWS rows of 64 bf16 (row r at src + r * stride) into the tile at `dst`; rows
 // from `valid` on are zero-filled (their source address is clamped to row 0, never read).
+// A thread copies chunk c = threadIdx.x % 8 of rows r0, r0 + STEP, ... (r0 = threadIdx.x / 8,
+// STEP = NTHREADS / 8). With STEP a multiple of 8 every one of those rows has r0's swizzle, so
+// when the whole tile is valid (every tile but a sequence's last partial one) the shared and
+// global addresses just advance by fixed steps: no per-chunk index arithmetic or predicate.
 template <int ROWS, int NTHREADS>
 __device__ __forceinline__ void fa_load_tile(unsigned dst, const bf16* src,
                                              long long stride, int valid) {
     static_assert((ROWS * 8) % NTHREADS == 0, "whole chunks per thread");
+    constexpr int STEP = NTHREADS / 8, CHUNKS = ROWS * 8 / NTHREADS;
+    if constexpr (STEP % 8 == 0) {
+        if (valid >= ROWS) {
+            const int r0 = threadIdx.x >> 3, c = threadIdx.x & 7;
+            const unsigned d = dst + fa_offset(r0, c);
+            const bf16* p = src + r0 * stride + c * 8;
 #pragma unroll
-    for (int j = 0; j < ROWS * 8 / NTHREADS; j++) {
+            for (int j = 0; j < CHUNKS; j++) {
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n"
+                             ::"r"(d + j * STEP * 128), "l"(p));
+                p += STEP * stride;
+            }
+            return;
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < CHUNKS; j++) {
         const int i = threadIdx.x + j * NTHREADS;
         const int r = i >> 3, c = i & 7;
         const bool ok = r < valid;
@@ -107,6 +125,13 @@ __device__ __forceinline__ void fa_load_tile(unsigned dst, const bf16* src,
 __device__ __forceinline__ void fa_load_row64(unsigned dst, const float* src, int valid) {
     const int i = threadIdx.x;
     if (i < FA_TILE) fa_cp_async4(dst + 4 * i, src + (i < valid ? i : 0), i < valid);
+}
+// The same, with `fill` (a plain shared store, visible after the next barrier) from `valid` on.
+__device__ __forceinline__ void fa_load_row64_fill(unsigned dst, const float* src, int valid,
+                                                   float fill) {
+    const int i = threadIdx.x;
+    if (i < FA_TILE && i < valid) fa_cp_async4(dst + 4 * i, src + i, true);
+    else if (i < FA_TILE) asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(dst + 4 * i), "f"(fill));
 }
 
 // Copy the first `valid` rows of a tile to global rows dst + r * stride, 16 bytes a thread.
@@ -199,42 +224,33 @@ __device__ __forceinline__ void fa_stage(unsigned char* tile, const float c[8][4
     }
 }
 
-// Block -> (head bh, rank), rank 0 = the tile with the most work. Heads go in groups of
-// FA_GROUP, all ranks of a group before the next group: the blocks in flight share the K/V (or
-// Q/dO) of few heads, which stay in L2, and within a group the long blocks start first so the
-// short ones fill the tail.
-__device__ __forceinline__ int2 fa_schedule(int n_bh, int n_tiles) {
-    const int per_group = FA_GROUP * n_tiles;
-    const int group = blockIdx.x / per_group;
-    const int first = group * FA_GROUP;
-    const int size = min(FA_GROUP, n_bh - first);
-    const int r = blockIdx.x - group * per_group;
-    return make_int2(first + r % size, r / size);
-}
-
-// A block's job: head bh and its tile [lo, hi) of `rows` query (or key) rows, hi <= T.
+// The grid is (NH, tiles per head, B): block (h, rank, b) takes head h of batch b and tile
+// `rank`, rank 0 the tile with the most work. Blocks start in index order (x fastest), so the
+// blocks in flight share the K/V (or Q/dO) of a few heads of one batch, which stay in L2, and
+// within them the long blocks start first so the short ones fill the tail. No division: the
+// coordinates are the block's own.
 struct FaTile {
-    int bh, lo, hi;
+    int b, h, bh, lo, hi;  // bh = b * NH + h
 };
 
 // Query tiles, rank 0 the last one (its rows see the most keys, so it starts first).
-__device__ __forceinline__ FaTile fa_query_tile(int rows, int B, int T, int NH) {
+__device__ __forceinline__ FaTile fa_query_tile(int rows, int T, int NH) {
     const int n = (T + rows - 1) / rows;
-    const int2 job = fa_schedule(B * NH, n);
-    const int lo = (n - 1 - job.y) * rows;
-    return FaTile{job.x, lo, min(lo + rows, T)};
+    const int lo = (n - 1 - (int)blockIdx.y) * rows;
+    return FaTile{(int)blockIdx.z, (int)blockIdx.x, (int)(blockIdx.z * NH + blockIdx.x), lo,
+                  min(lo + rows, T)};
 }
 
 // Key tiles, rank 0 the first one (every query sees its keys).
-__device__ __forceinline__ FaTile fa_key_tile(int rows, int B, int T, int NH) {
-    const int2 job = fa_schedule(B * NH, (T + rows - 1) / rows);
-    const int lo = job.y * rows;
-    return FaTile{job.x, lo, min(lo + rows, T)};
+__device__ __forceinline__ FaTile fa_key_tile(int rows, int T, int NH) {
+    const int lo = blockIdx.y * rows;
+    return FaTile{(int)blockIdx.z, (int)blockIdx.x, (int)(blockIdx.z * NH + blockIdx.x), lo,
+                  min(lo + rows, T)};
 }
 
-// Head bh = b * NH + h of the (B, T, 3, NH, HS) qkv rows, as every kernel's set-up needs it:
-// its batch and head, C = NH * HS, the row stride 3C of qkv (and dqkv), and row 0 of its q, k
-// and v columns.
+// Head h of batch b in the (B, T, 3, NH, HS) qkv rows, as every kernel's set-up needs it: its
+// batch and head, C = NH * HS, the row stride 3C of qkv (and dqkv), and row 0 of its q, k and v
+// columns.
 struct FaHead {
     int b, h, C;
     long long stride;
@@ -243,10 +259,10 @@ struct FaHead {
     const bf16* v;
 };
 
-__device__ __forceinline__ FaHead fa_head(const bf16* qkv, int bh, int T, int NH) {
+__device__ __forceinline__ FaHead fa_head(const bf16* qkv, const FaTile& tile, int T, int NH) {
     FaHead hd;
-    hd.b = bh / NH;
-    hd.h = bh % NH;
+    hd.b = tile.b;
+    hd.h = tile.h;
     hd.C = NH * FA_HS;
     hd.stride = 3LL * hd.C;
     hd.q = qkv + (long long)hd.b * T * hd.stride + hd.h * FA_HS;

@@ -28,9 +28,9 @@ __device__ __forceinline__ void flash_backward_dq(
         const bf16* __restrict__ qkv, const bf16* __restrict__ out,
         const float* __restrict__ lse, int B, int T, int NH) {
     constexpr int BR = 16 * NW, NT = 32 * NW;
-    const FaTile tile = fa_query_tile(BR, B, T, NH);
+    const FaTile tile = fa_query_tile(BR, T, NH);
     const int bh = tile.bh, q0 = tile.lo, q_end = tile.hi;
-    const FaHead hd = fa_head(qkv, bh, T, NH);
+    const FaHead hd = fa_head(qkv, tile, T, NH);
     const int b = hd.b, h = hd.h, C = hd.C;
     const int n_kt = (q_end + FA_TILE - 1) / FA_TILE;
 
@@ -124,9 +124,9 @@ __device__ __forceinline__ void flash_backward_dkdv(
         const bf16* __restrict__ qkv, const float* __restrict__ lse,
         const float* __restrict__ D, int B, int T, int NH) {
     constexpr int BC = 16 * NW, NT = 32 * NW;
-    const FaTile tile = fa_key_tile(BC, B, T, NH);
+    const FaTile tile = fa_key_tile(BC, T, NH);
     const int bh = tile.bh, k0 = tile.lo, k_end = tile.hi;
-    const FaHead hd = fa_head(qkv, bh, T, NH);
+    const FaHead hd = fa_head(qkv, tile, T, NH);
     const int b = hd.b, h = hd.h, C = hd.C;
     const int n_qt = (T - k0 + FA_TILE - 1) / FA_TILE;  // query tiles from k0 (earlier: all masked)
 

@@ -27,14 +27,15 @@
 // of the BC-key K tile. Waits for the result.
 template <int BC>
 __device__ __forceinline__ void fa9_scores(float (&s)[BC / 8][4], unsigned q, unsigned k) {
+    const unsigned qlo = fa9_desc_lo_k(q), klo = fa9_desc_lo_k(k);
     fa9_pin(s);
     fa9_fence();
 #pragma unroll
-    for (int kk = 0; kk < FA_HS / 16; kk++) {
+    for (int kk = 0; kk < FA_HS / 16; kk++) {  // slice kk: 32 bytes on
         if constexpr (BC == 128)
-            fa9_ss_n128(s, fa9_desc_k(q + 32 * kk), fa9_desc_k(k + 32 * kk), kk);
+            fa9_ss_n128(s, fa9_desc(qlo + 2 * kk), fa9_desc(klo + 2 * kk), kk);
         else
-            fa9_ss_n64(s, fa9_desc_k(q + 32 * kk), fa9_desc_k(k + 32 * kk), kk);
+            fa9_ss_n64(s, fa9_desc(qlo + 2 * kk), fa9_desc(klo + 2 * kk), kk);
     }
     fa9_commit();
     fa9_wait_all();
@@ -45,10 +46,11 @@ __device__ __forceinline__ void fa9_scores(float (&s)[BC / 8][4], unsigned q, un
 template <int BC>
 __device__ __forceinline__ void fa9_pv(float (&o)[8][4], const unsigned (&p)[BC / 16][4],
                                        unsigned v) {
+    const unsigned vlo = fa9_desc_lo_mn(v);
     fa9_pin(o);
     fa9_fence();
 #pragma unroll
-    for (int kk = 0; kk < BC / 16; kk++) fa9_rs_n64_mn(o, p[kk], fa9_desc_mn(v + 2048 * kk));
+    for (int kk = 0; kk < BC / 16; kk++) fa9_rs_n64_mn(o, p[kk], fa9_desc(vlo + 128 * kk));
     fa9_commit();
     fa9_wait_all();
     fa9_pin(o);
@@ -60,9 +62,9 @@ __device__ __forceinline__ void fa9_forward(bf16* __restrict__ out, float* __res
     static_assert(BC == 64 || BC == 128, "key tiles of 64 or 128");
     constexpr int BR = 64 * NWG, NT = 128 * NWG, NS = BC / 8;
     constexpr unsigned KV_BYTES = (BC / FA_TILE) * FA_TILE_BYTES;  // BC rows of 128 bytes
-    const FaTile tile = fa_query_tile(BR, B, T, NH);
+    const FaTile tile = fa_query_tile(BR, T, NH);
     const int bh = tile.bh, q0 = tile.lo, q_end = tile.hi;
-    const FaHead hd = fa_head(qkv, bh, T, NH);
+    const FaHead hd = fa_head(qkv, tile, T, NH);
     const int b = hd.b, h = hd.h, C = hd.C;
     const int n_kt = (q_end + BC - 1) / BC;  // key tiles holding keys < q_end
 
@@ -111,11 +113,14 @@ __device__ __forceinline__ void fa9_forward(bf16* __restrict__ out, float* __res
         float s[NS][4];
         fa9_scores<BC>(s, sQw, sK + (j & 1) * KV_BYTES);
         if (k0 + BC - 1 > row0) {  // the tile crosses this warp's diagonal
+            // key k0 + 8n + 2t + (e & 1) follows row row0 + g + 8 (e >> 1) when the tile column
+            // 8n + (e & 1) (a constant) exceeds lim + 8 (e >> 1)
+            const int lim = row0 + g - k0 - 2 * t;
 #pragma unroll
             for (int n = 0; n < NS; n++)
 #pragma unroll
                 for (int e = 0; e < 4; e++)
-                    if (k0 + 8 * n + 2 * t + (e & 1) > row0 + g + 8 * (e >> 1)) s[n][e] = NEG_INF;
+                    if (8 * n + (e & 1) > lim + 8 * (e >> 1)) s[n][e] = NEG_INF;
         }
 #pragma unroll
         for (int hh = 0; hh < 2; hh++) {

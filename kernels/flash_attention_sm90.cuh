@@ -30,17 +30,22 @@
 #include "flash_attention.cuh"
 
 // ---- PTX wrappers (sm_90a) ----
-// Descriptors: the high word (SBO, swizzle) is fixed; the low word carries the start address.
-__device__ __forceinline__ unsigned long long fa9_desc(unsigned addr, unsigned lbo) {
-    const unsigned lo = ((addr & 0x3FFFFu) >> 4) | ((lbo >> 4) << 16);
-    const unsigned hi = (1024u >> 4) | (1u << 30);  // SBO 1024; bit 62 = 128-byte swizzle
-    return (static_cast<unsigned long long>(hi) << 32) | lo;
+// Descriptors: the high word (SBO 1024, bit 62 = 128-byte swizzle) is fixed; the low word
+// carries the start address >> 4 and the LBO. A product's k16 slices differ only in the start
+// address, so the callers form a tile's low word once and add each slice's offset >> 4 to it
+// (14-bit field: shared addresses stay below 256 KiB, so it never carries into the LBO).
+constexpr unsigned FA9_DESC_HI = (1024u >> 4) | (1u << 30);
+__device__ __forceinline__ unsigned fa9_desc_lo(unsigned addr, unsigned lbo) {
+    return ((addr & 0x3FFFFu) >> 4) | ((lbo >> 4) << 16);
 }
-__device__ __forceinline__ unsigned long long fa9_desc_k(unsigned addr) {  // K-major
-    return fa9_desc(addr, 16);
+__device__ __forceinline__ unsigned long long fa9_desc(unsigned lo) {
+    return (static_cast<unsigned long long>(FA9_DESC_HI) << 32) | lo;
 }
-__device__ __forceinline__ unsigned long long fa9_desc_mn(unsigned addr) {  // MN-major
-    return fa9_desc(addr, 1024);
+__device__ __forceinline__ unsigned fa9_desc_lo_k(unsigned addr) {  // K-major
+    return fa9_desc_lo(addr, 16);
+}
+__device__ __forceinline__ unsigned fa9_desc_lo_mn(unsigned addr) {  // MN-major
+    return fa9_desc_lo(addr, 1024);
 }
 __device__ __forceinline__ void fa9_fence() {
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
@@ -119,9 +124,10 @@ __device__ __forceinline__ void fa9_pin_a(unsigned (&a)[K][4]) {
 // the shared address of 64 rows of A, b of a 64-row tile whose rows are the N index (both
 // K-major, swizzled). The first slice overwrites d.
 __device__ __forceinline__ void fa9_issue_abt(float (&d)[8][4], unsigned a, unsigned b) {
+    const unsigned alo = fa9_desc_lo_k(a), blo = fa9_desc_lo_k(b);
 #pragma unroll
-    for (int kk = 0; kk < FA_HS / 16; kk++)
-        fa9_ss_n64(d, fa9_desc_k(a + 32 * kk), fa9_desc_k(b + 32 * kk), kk);
+    for (int kk = 0; kk < FA_HS / 16; kk++)  // slice kk: 32 bytes on
+        fa9_ss_n64(d, fa9_desc(alo + 2 * kk), fa9_desc(blo + 2 * kk), kk);
 }
 
 // Issue d (64 x 64) += A B (4 k16 slices, no commit, no wait): a holds A (64 x 64) as bf16 A
@@ -129,6 +135,7 @@ __device__ __forceinline__ void fa9_issue_abt(float (&d)[8][4], unsigned a, unsi
 // rows are the k index (MN-major, swizzled).
 __device__ __forceinline__ void fa9_issue_ab(float (&d)[8][4], const unsigned (&a)[4][4],
                                              unsigned b) {
+    const unsigned blo = fa9_desc_lo_mn(b);
 #pragma unroll
-    for (int kk = 0; kk < 4; kk++) fa9_rs_n64_mn(d, a[kk], fa9_desc_mn(b + 2048 * kk));
+    for (int kk = 0; kk < 4; kk++) fa9_rs_n64_mn(d, a[kk], fa9_desc(blo + 128 * kk));  // 2048 B on
 }

@@ -33,9 +33,9 @@ __device__ __forceinline__ void fa9_backward_dq(
         const bf16* __restrict__ qkv, const bf16* __restrict__ out,
         const float* __restrict__ lse, int B, int T, int NH) {
     constexpr int BR = 64, NT = 128;
-    const FaTile tile = fa_query_tile(BR, B, T, NH);
+    const FaTile tile = fa_query_tile(BR, T, NH);
     const int bh = tile.bh, q0 = tile.lo, q_end = tile.hi;
-    const FaHead hd = fa_head(qkv, bh, T, NH);
+    const FaHead hd = fa_head(qkv, tile, T, NH);
     const int b = hd.b, h = hd.h, C = hd.C;
     // Key tiles with keys < q_end; q0 is a multiple of 64, so each holds keys <= q0: none is
     // skipped (wgmma needs the whole warpgroup anyway), only the last one is masked.
@@ -105,14 +105,22 @@ __device__ __forceinline__ void fa9_backward_dq(
         fa9_wait_1();
         fa9_pin(s);
         // Rows past T: zero Q and dO rows, lse 0 and D 0, so dS = P (0 - 0) = 0; never stored.
-        const bool diag = k0 + FA_TILE - 1 > row0;
+        if (k0 + FA_TILE - 1 > row0) {  // the tile crosses this warp's diagonal
+            // key k0 + 8n + 2t + (e & 1) follows query row0 + g + 8 (e >> 1) when the tile
+            // column 8n + (e & 1) (a constant) exceeds lim + 8 (e >> 1)
+            const int lim = row0 + g - k0 - 2 * t;
 #pragma unroll
-        for (int n = 0; n < 8; n++) {
+            for (int n = 0; n < 8; n++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const bool masked = diag && k0 + 8 * n + 2 * t + (e & 1) > row0 + g + 8 * (e >> 1);
-                s[n][e] = masked ? 0.0f : fa_exp2(fmaf(s[n][e], FA_SCALE_LOG2, -lse2[e >> 1]));
-            }
+                for (int e = 0; e < 4; e++)
+                    s[n][e] = 8 * n + (e & 1) > lim + 8 * (e >> 1)
+                                  ? 0.0f : fa_exp2(fmaf(s[n][e], FA_SCALE_LOG2, -lse2[e >> 1]));
+        } else {
+#pragma unroll
+            for (int n = 0; n < 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    s[n][e] = fa_exp2(fmaf(s[n][e], FA_SCALE_LOG2, -lse2[e >> 1]));
         }
         fa9_wait_all();
         fa9_pin(dp);
@@ -143,9 +151,9 @@ __device__ __forceinline__ void fa9_backward_dkdv(
         const bf16* __restrict__ qkv, const float* __restrict__ lse,
         const float* __restrict__ D, int B, int T, int NH) {
     constexpr int BC = 64, NT = 128;
-    const FaTile tile = fa_key_tile(BC, B, T, NH);
+    const FaTile tile = fa_key_tile(BC, T, NH);
     const int bh = tile.bh, k0 = tile.lo, k_end = tile.hi;
-    const FaHead hd = fa_head(qkv, bh, T, NH);
+    const FaHead hd = fa_head(qkv, tile, T, NH);
     const int b = hd.b, h = hd.h, C = hd.C;
     // Query tiles from k0 (earlier queries precede every key); each holds a query >= k0 + 63 or
     // the last query, so none is skipped, and only the first and the last are masked.
@@ -172,7 +180,7 @@ __device__ __forceinline__ void fa9_backward_dkdv(
     fa_load_tile<BC, NT>(sV, v_src + k0 * stride, stride, k_end - k0);
     fa_load_tile<FA_TILE, NT>(sQ, q_src + k0 * stride, stride, T - k0);
     fa_load_tile<FA_TILE, NT>(sdO, do_src + (long long)k0 * C, C, T - k0);
-    fa_load_row64(sL, lse_src + k0, T - k0);
+    fa_load_row64_fill(sL, lse_src + k0, T - k0, __int_as_float(0x7f800000));  // +inf
     fa_load_row64(sDD, d_src + k0, T - k0);
     fa_cp_async_commit();
 
@@ -195,7 +203,8 @@ __device__ __forceinline__ void fa9_backward_dkdv(
             const unsigned off = buf * FA_TILE_BYTES;
             fa_load_tile<FA_TILE, NT>(sQ + off, q_src + q1 * stride, stride, T - q1);
             fa_load_tile<FA_TILE, NT>(sdO + off, do_src + (long long)q1 * C, C, T - q1);
-            fa_load_row64(sL + buf * FA_TILE * 4, lse_src + q1, T - q1);
+            fa_load_row64_fill(sL + buf * FA_TILE * 4, lse_src + q1, T - q1,
+                               __int_as_float(0x7f800000));  // +inf
             fa_load_row64(sDD + buf * FA_TILE * 4, d_src + q1, T - q1);
             fa_cp_async_commit();
         }
@@ -217,17 +226,20 @@ __device__ __forceinline__ void fa9_backward_dkdv(
         fa9_wait_1();
         fa9_pin(st);
         // masked: a key after the query, or a query past T (its zero row would give P = 1)
-        const bool edge = qs < key0 + 15 || qs + FA_TILE > T;
+        // Query qs + 8n + 2t + (e & 1), i.e. tile column c = 8n + (e & 1) (a constant), comes
+        // before key key0 + g + 8 (e >> 1) when c < klim + 8 (e >> 1); off the diagonal klim is a
+        // limit no column reaches (one loop either way: a second copy costs the registers the
+        // products need). Queries past T need no mask: their lse reads +inf (fa_load_row64_fill)
+        // and their S^T is 0 (zero Q rows), so P^T = 2^-inf = 0.
+        const int klim = qs < key0 + 15 ? key0 + g - qs - 2 * t : -FA_TILE;
 #pragma unroll
         for (int n = 0; n < 8; n++) {
             const float2 l2 = *reinterpret_cast<const float2*>(tL + 8 * n + 2 * t);
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                const int query = qs + 8 * n + 2 * t + (e & 1);
-                const bool masked = edge && (key0 + g + 8 * (e >> 1) > query || query >= T);
                 const float lse_q = (e & 1) ? l2.y : l2.x;
-                st[n][e] =
-                    masked ? 0.0f : fa_exp2(fmaf(st[n][e], FA_SCALE_LOG2, -lse_q * FA_LOG2E));
+                st[n][e] = 8 * n + (e & 1) < klim + 8 * (e >> 1)
+                               ? 0.0f : fa_exp2(fmaf(st[n][e], FA_SCALE_LOG2, -lse_q * FA_LOG2E));
             }
         }
         unsigned pf[4][4], dsf[4][4];

@@ -19,7 +19,8 @@ Design (the kernels' opening comments have the details):
 - Backward, deterministic without atomics: `backward_dq` (per query tile, also computes
   D = rowsum(dout * out) into scratch["D"]) then `backward_dkdv` (per key tile, reads D). P is
   rebuilt from lse in both, 7 tile products instead of 5, but no fp32 dq buffer and no atomics.
-- Blocks are ordered by head groups of 16, the longest tiles of each group first.
+- The grid is (NH, tiles per head, B): blocks start with the heads of one batch, the longest
+  tiles of each first (kernels/flash_attention.cuh, fa_query_tile).
 - Forward implementation (`impl`): "sm80" (mma.sync, every device) or "sm90" (wgmma, compute
   capability 9.0 only, compiled for sm_90a); None takes $LLMC_FLASH_IMPL, else "sm90" on a 9.0
   device and "sm80" elsewhere. "sm90:<variant>" names one of SM90_VARIANTS (warpgroups per block,
@@ -172,16 +173,16 @@ def flash_attention_forward(out, lse, qkv, n_head: int, impl=None):
         variant = impl.partition(":")[2]
         wgs, keys = SM90_VARIANTS[variant]
         smem = _smem_bytes_sm90(wgs, keys)
-        grid = B * NH * ceil_div(T, 64 * wgs)
+        grid = (NH, ceil_div(T, 64 * wgs), B)  # (head, tile, batch): fa_query_tile
         k = _function("flash_attention_sm90", f"flash_attention_forward_sm90_{variant}", smem,
                       all_shared=True)
-        k((grid,), (128 * wgs,), (out, lse, qkv, np.int32(B), np.int32(T), np.int32(NH)),
+        k(grid, (128 * wgs,), (out, lse, qkv, np.int32(B), np.int32(T), np.int32(NH)),
           shared_mem=smem)
         return out
     w = WARPS
-    grid = B * NH * ceil_div(T, 16 * w)
+    grid = (NH, ceil_div(T, 16 * w), B)
     _kernel("flash_attention", "forward", w)(
-        (grid,), (32 * w,), (out, lse, qkv, np.int32(B), np.int32(T), np.int32(NH)),
+        grid, (32 * w,), (out, lse, qkv, np.int32(B), np.int32(T), np.int32(NH)),
         shared_mem=_smem_bytes("forward", w))
     return out
 
@@ -208,7 +209,7 @@ def flash_attention_backward(dqkv, dout, qkv, out, lse, n_head: int, scratch, im
     w = WARPS
     if B * T == 0:
         return dqkv
-    grid = B * NH * ceil_div(T, 16 * w)  # query tiles (dq) and key tiles (dkdv) are the same size
+    grid = (NH, ceil_div(T, 16 * w), B)  # query tiles (dq) and key tiles (dkdv): the same size
     sizes = (np.int32(B), np.int32(T), np.int32(NH))
     if impl == "sm90":  # 64 rows a block as well: one warpgroup
         for kind, args in (("dq", (dqkv, D, dout, qkv, out, lse)),
@@ -216,12 +217,12 @@ def flash_attention_backward(dqkv, dout, qkv, out, lse, n_head: int, scratch, im
             smem = _smem_bytes_sm90_bwd(kind)
             k = _function("flash_attention_sm90_bwd", f"flash_attention_backward_{kind}_sm90", smem,
                           all_shared=True)
-            k((grid,), (128,), args + sizes, shared_mem=smem)
+            k(grid, (128,), args + sizes, shared_mem=smem)
         return dqkv
     _kernel("flash_attention_bwd", "dq", w)(
-        (grid,), (32 * w,), (dqkv, D, dout, qkv, out, lse) + sizes, shared_mem=_smem_bytes("dq", w))
+        grid, (32 * w,), (dqkv, D, dout, qkv, out, lse) + sizes, shared_mem=_smem_bytes("dq", w))
     _kernel("flash_attention_bwd", "dkdv", w)(
-        (grid,), (32 * w,), (dqkv, dout, qkv, lse, D) + sizes, shared_mem=_smem_bytes("dkdv", w))
+        grid, (32 * w,), (dqkv, dout, qkv, lse, D) + sizes, shared_mem=_smem_bytes("dkdv", w))
     return dqkv
 
 
