@@ -108,7 +108,12 @@ def _fastest(plan, c, beta: float, stream, launch):
     scratch = None
     if beta != 0.0:  # the product reads and writes c: time it on scratch of c's extent
         rows, ld = c.shape[0], c.strides[0] // c.itemsize
-        scratch = cupy.zeros((rows - 1) * ld + c.shape[1], dtype=c.dtype)
+        n = (rows - 1) * ld + c.shape[1]
+        # Straight from the device, not CuPy's pool: the pool would keep the block for the
+        # rest of the process (77 MB for the LM head's weight gradient at d12).
+        mem = cupy.cuda.Memory(n * c.itemsize)
+        scratch = cupy.ndarray((n,), dtype=c.dtype, memptr=cupy.cuda.MemoryPointer(mem, 0))
+        scratch.fill(0)
     c_ptr = scratch.data.ptr if scratch is not None else c.data.ptr
     side = cupy.cuda.Stream(non_blocking=True)
     ready = cupy.cuda.Event(disable_timing=True)
