@@ -6,8 +6,7 @@
 //   D[t] = sum_d dout[t, d] out[t, d],   dP = dout v^T,   dS = P * (dP - D)
 //   dq = dS k / 8,   dk = dS^T q / 8,   dv = P^T dout
 // dqkv (B, T, 3C) bf16 `=`; dout, out (B, T, C) bf16; lse (B, NH, T) f32 from the forward;
-// D and L2 (B, NH, T) f32 scratch, written by the first kernel and read by the second: D as
-// below, L2 = lse * log2 e (so the second kernel's exponent is one FFMA per score).
+// D (B, NH, T) f32 scratch, written by the first kernel and read by the second.
 //
 // Deterministic without atomics, the two kernels of the sm_80 backward, one warpgroup (64 rows)
 // per block, 64-row tiles streamed through double-buffered shared memory (cp.async):
@@ -30,8 +29,8 @@
 #include "flash_attention_sm90.cuh"
 
 __device__ __forceinline__ void fa9_backward_dq(
-        bf16* __restrict__ dqkv, float* __restrict__ D, float* __restrict__ L2,
-        const bf16* __restrict__ dout, const bf16* __restrict__ qkv, const bf16* __restrict__ out,
+        bf16* __restrict__ dqkv, float* __restrict__ D, const bf16* __restrict__ dout,
+        const bf16* __restrict__ qkv, const bf16* __restrict__ out,
         const float* __restrict__ lse, int B, int T, int NH) {
     constexpr int BR = 64, NT = 128;
     const FaTile tile = fa_query_tile(BR, T, NH);
@@ -72,7 +71,6 @@ __device__ __forceinline__ void fa9_backward_dq(
     for (int hh = 0; hh < 2; hh++) {
         const int row = row0 + g + 8 * hh;
         lse2[hh] = row < T ? lse[(long long)bh * T + row] * FA_LOG2E : 0.0f;
-        if (t == 0 && row < T) L2[(long long)bh * T + row] = lse2[hh];  // for the dk/dv kernel
     }
     float dq[8][4];
 #pragma unroll
@@ -148,7 +146,7 @@ __device__ __forceinline__ void fa9_backward_dq(
 
 __device__ __forceinline__ void fa9_backward_dkdv(
         bf16* __restrict__ dqkv, const bf16* __restrict__ dout,
-        const bf16* __restrict__ qkv, const float* __restrict__ L2,
+        const bf16* __restrict__ qkv, const float* __restrict__ lse,
         const float* __restrict__ D, int B, int T, int NH) {
     constexpr int BC = 64, NT = 128;
     const FaTile tile = fa_key_tile(BC, T, NH);
@@ -162,7 +160,7 @@ __device__ __forceinline__ void fa9_backward_dkdv(
     const long long stride = hd.stride;
     const bf16 *q_src = hd.q, *k_src = hd.k, *v_src = hd.v;
     const bf16* do_src = dout + (long long)b * T * C + h * FA_HS;
-    const float* lse_src = L2 + (long long)bh * T;  // lse in log2 units, from the dq kernel
+    const float* lse_src = lse + (long long)bh * T;
     const float* d_src = D + (long long)bh * T;
 
     // shared, from a 1024-byte boundary: K, V (reused to stage dk, dv), Q[2], dO[2] (64 rows
@@ -235,9 +233,9 @@ __device__ __forceinline__ void fa9_backward_dkdv(
             const float2 l2 = *reinterpret_cast<const float2*>(tL + 8 * n + 2 * t);
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                const float lse_q = (e & 1) ? l2.y : l2.x;  // log2 units
+                const float lse_q = (e & 1) ? l2.y : l2.x;
                 st[n][e] = 8 * n + (e & 1) < klim + 8 * (e >> 1)
-                               ? 0.0f : fa_exp2(fmaf(st[n][e], FA_SCALE_LOG2, -lse_q));
+                               ? 0.0f : fa_exp2(fmaf(st[n][e], FA_SCALE_LOG2, -lse_q * FA_LOG2E));
             }
         }
         unsigned pf[4][4], dsf[4][4];
@@ -277,8 +275,8 @@ __device__ __forceinline__ void fa9_backward_dkdv(
 }
 
 // The entry points exist for every arch (one source), but only sm_90a has a body.
-#define FA9_BWD_DQ() fa9_backward_dq(dqkv, D, L2, dout, qkv, out, lse, B, T, NH)
-#define FA9_BWD_DKDV() fa9_backward_dkdv(dqkv, dout, qkv, L2, D, B, T, NH)
+#define FA9_BWD_DQ() fa9_backward_dq(dqkv, D, dout, qkv, out, lse, B, T, NH)
+#define FA9_BWD_DKDV() fa9_backward_dkdv(dqkv, dout, qkv, lse, D, B, T, NH)
 #else
 typedef __nv_bfloat16 bf16;
 #define FA9_BWD_DQ() __trap()  // never launched off sm_90a (the launcher checks)
@@ -291,7 +289,6 @@ typedef __nv_bfloat16 bf16;
 // 3 blocks (8 bytes spilled; 191 without a bound).
 extern "C" __global__ void __launch_bounds__(128, 4)
 flash_attention_backward_dq_sm90(bf16* __restrict__ dqkv, float* __restrict__ D,
-                                 float* __restrict__ L2,
                                  const bf16* __restrict__ dout, const bf16* __restrict__ qkv,
                                  const bf16* __restrict__ out, const float* __restrict__ lse,
                                  int B, int T, int NH) {
@@ -300,7 +297,7 @@ flash_attention_backward_dq_sm90(bf16* __restrict__ dqkv, float* __restrict__ D,
 
 extern "C" __global__ void __launch_bounds__(128, 3)
 flash_attention_backward_dkdv_sm90(bf16* __restrict__ dqkv, const bf16* __restrict__ dout,
-                                   const bf16* __restrict__ qkv, const float* __restrict__ L2,
+                                   const bf16* __restrict__ qkv, const float* __restrict__ lse,
                                    const float* __restrict__ D, int B, int T, int NH) {
     FA9_BWD_DKDV();
 }

@@ -6,7 +6,7 @@ matrix.
     flash_attention_forward(out (B,T,C) =, lse (B,NH,T) f32 =, qkv (B,T,3C), n_head, impl=None)
     flash_attention_backward(dqkv (B,T,3C) =, dout (B,T,C), qkv, out, lse, n_head, scratch,
                              impl=None)
-    flash_scratch_shapes(B, T, C, NH) -> {"D": ((B, NH, T), float32), "L2": (the same)}
+    flash_scratch_shapes(B, T, C, NH) -> {"D": ((B, NH, T), float32)}
     flash_attention(qkv, n_head) -> out, lse ; flash_attention_grad(dout, qkv, out, lse, n_head)
         -> dqkv: the same, allocating outputs and scratch
 
@@ -155,10 +155,8 @@ def _check_qkv(qkv, n_head: int):
 
 
 def flash_scratch_shapes(B: int, T: int, C: int, NH: int) -> dict:
-    """Scratch the backward needs, {name: (shape, dtype)}: D = rowsum(dout * out) and L2 = lse
-    in log2 units (lse * log2 e, written by the sm90 dq kernel for its dk/dv kernel), (B, NH, T)
-    f32 each."""
-    return {"D": ((B, NH, T), F32), "L2": ((B, NH, T), F32)}
+    """Scratch the backward needs, {name: (shape, dtype)}: D = rowsum(dout * out) (B, NH, T) f32."""
+    return {"D": ((B, NH, T), F32)}
 
 
 def flash_attention_forward(out, lse, qkv, n_head: int, impl=None):
@@ -203,12 +201,10 @@ def flash_attention_backward(dqkv, dout, qkv, out, lse, n_head: int, scratch, im
     check("out", out, (B, T, C), BF16)
     check_aligned("out", out)
     check("lse", lse, (B, NH, T), F32)
-    if not isinstance(scratch, dict) or not {"D", "L2"} <= set(scratch):
+    if not isinstance(scratch, dict) or "D" not in scratch:
         got = sorted(scratch) if isinstance(scratch, dict) else type(scratch).__name__
-        raise ValueError(f"scratch: expected a dict with 'D' and 'L2' (see flash_scratch_shapes), "
-                         f"got {got}")
+        raise ValueError(f"scratch: expected a dict with 'D' (see flash_scratch_shapes), got {got}")
     D = check("scratch['D']", scratch["D"], (B, NH, T), F32)
-    L2 = check("scratch['L2']", scratch["L2"], (B, NH, T), F32)
     impl = resolve_bwd_impl(impl)
     w = WARPS
     if B * T == 0:
@@ -216,8 +212,8 @@ def flash_attention_backward(dqkv, dout, qkv, out, lse, n_head: int, scratch, im
     grid = (NH, ceil_div(T, 16 * w), B)  # query tiles (dq) and key tiles (dkdv): the same size
     sizes = (np.int32(B), np.int32(T), np.int32(NH))
     if impl == "sm90":  # 64 rows a block as well: one warpgroup
-        for kind, args in (("dq", (dqkv, D, L2, dout, qkv, out, lse)),
-                           ("dkdv", (dqkv, dout, qkv, L2, D))):
+        for kind, args in (("dq", (dqkv, D, dout, qkv, out, lse)),
+                           ("dkdv", (dqkv, dout, qkv, lse, D))):
             smem = _smem_bytes_sm90_bwd(kind)
             k = _function("flash_attention_sm90_bwd", f"flash_attention_backward_{kind}_sm90", smem,
                           all_shared=True)
