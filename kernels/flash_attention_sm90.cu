@@ -95,9 +95,7 @@ __device__ __forceinline__ void fa9_forward(bf16* __restrict__ out, float* __res
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
 
     for (int j = 0; j < n_kt; j++) {
-        fa_cp_async_wait_all();
-        fa9_fence_proxy_async();
-        __syncthreads();  // tile j visible to all; every warpgroup is done with tile j - 1
+        fa9_tile_ready();  // tile j visible to all; every warpgroup is done with tile j - 1
         if (j + 1 < n_kt) {
             const int k1 = (j + 1) * BC;
             const unsigned off = ((j + 1) & 1) * KV_BYTES;

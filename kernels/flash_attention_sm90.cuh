@@ -64,6 +64,14 @@ __device__ __forceinline__ void fa9_wait_1() {
 __device__ __forceinline__ void fa9_fence_proxy_async() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
+// The top of every tile loop: this thread's cp.async copies have landed, they are made visible
+// to the async proxy (wgmma), and the barrier makes every thread's visible to all, after which
+// the buffer the previous tile used may be refilled.
+__device__ __forceinline__ void fa9_tile_ready() {
+    fa_cp_async_wait_all();
+    fa9_fence_proxy_async();
+    __syncthreads();
+}
 // Pins accumulator registers in program order around the asynchronous products: the compiler
 // may not move their reads above a wait, or their writes below a wgmma.fence.
 template <int N>

@@ -77,9 +77,7 @@ __device__ __forceinline__ void fa9_backward_dq(
     for (int n = 0; n < 8; n++) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
 
     for (int j = 0; j < n_kt; j++) {
-        fa_cp_async_wait_all();
-        fa9_fence_proxy_async();
-        __syncthreads();  // tile j and sD visible to all; tile j - 1's products have completed
+        fa9_tile_ready();  // tile j and sD visible to all; tile j - 1's products have completed
         if (j + 1 < n_kt) {
             const int k1 = (j + 1) * FA_TILE;
             const unsigned off = ((j + 1) & 1) * FA_TILE_BYTES;
@@ -195,9 +193,7 @@ __device__ __forceinline__ void fa9_backward_dkdv(
     }
 
     for (int j = 0; j < n_qt; j++) {
-        fa_cp_async_wait_all();
-        fa9_fence_proxy_async();
-        __syncthreads();  // query tile j visible to all; tile j - 1's products have completed
+        fa9_tile_ready();  // query tile j visible to all; tile j - 1's products have completed
         if (j + 1 < n_qt) {
             const int q1 = k0 + (j + 1) * FA_TILE, buf = (j + 1) & 1;
             const unsigned off = buf * FA_TILE_BYTES;

@@ -5,12 +5,12 @@ any device) and "sm90" (wgmma, skipped unless the device is compute capability 9
 from that forward's out and lse (and the sm80 backward from the sm90 forward). Checks: out, lse
 and dqkv against llmc.model.reference.attention_forward/attention_backward (and a float64
 log-sum-exp) evaluated in float64 on the bf16 values the kernels see; shapes with NH=12, HS=64,
-B=2..8 and T in {1, 17, 64, 100, 1024} (T=1, tiles not filled, 36 heads = two full head groups and
-a partial one; T=1000 on 12 heads, under one head group). Outputs and scratch are poisoned with
-NaN first. The forward and backward are bitwise identical across two runs. On the production
-shape (B=64, T=1024) the results are compared with PyTorch's scaled_dot_product_attention when
-torch with CUDA is importable. Every sm90 forward variant agrees with the sm80 forward, the sm90
-backward with the sm80 backward. Argument validation.
+B=2..8 and T in {1, 17, 64, 100, 1024} (T=1, tiles not filled, 36 heads of 3 batches; T=1000 on
+12 heads of one). Outputs and scratch are poisoned with NaN first. The forward and backward are
+bitwise identical across two runs. On the production shape (B=64, T=1024) the results are
+compared with PyTorch's scaled_dot_product_attention when torch with CUDA is importable. Every
+sm90 forward variant agrees with the sm80 forward, the sm90 backward with the sm80 backward.
+Argument validation.
 
 Run: pytest tests/test_flash_attention.py        (the gpu tests skip without a CUDA device)
 """

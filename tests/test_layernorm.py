@@ -91,8 +91,10 @@ def test_residual_forward(shape, dtype):
     assert np.array_equal(host_bits(out), want.view(UINT[want.itemsize])), "out != inp1 + inp2"
 
 
-def run_backward(shape, dtype, seed):
-    """Device results of one backward onto random initial gradients, plus the host inputs."""
+def run_backward(shape, dtype, seed, colsum=False):
+    """Device results of one backward onto random initial gradients, plus the host inputs. With
+    colsum, the backward also adds dinp's column sums to a random dinp_colsum: then the results
+    end with it and the inits with its float64 initial value."""
     import cupy
     from llmc.ops.layernorm import layernorm_backward, layernorm_backward_scratch_size
     rng = np.random.default_rng(seed)
@@ -104,15 +106,21 @@ def run_backward(shape, dtype, seed):
     dinp0, _ = randn(rng, shape, dtype, 0.5)
     dw0, _ = randn(rng, (C,), dtype, 0.5)
     db0, _ = randn(rng, (C,), dtype, 0.5)
+    extra = {}
+    if colsum:
+        ds0, ds064 = randn(rng, (C,), dtype, 0.5)
+        extra["dinp_colsum"] = device(ds0)
     _, mean, rstd = reference.layernorm_forward(x64, w64, w64)
     mean, rstd = mean.astype(np.float32), rstd.astype(np.float32)
     dinp, dw, db = device(dinp0), device(dw0), device(db0)
     scratch = cupy.full(layernorm_backward_scratch_size(N, C) // 4, np.nan, dtype=cupy.float32)
     layernorm_backward(dinp, dw, db, device(dout), device(x), device(w), cupy.asarray(mean),
-                       cupy.asarray(rstd), scratch)
+                       cupy.asarray(rstd), scratch, **extra)
     ref = reference.layernorm_backward(dout64, x64, w64, mean.astype(np.float64),
                                        rstd.astype(np.float64))
     inits = [a.astype(np.float64) for a in (dinp0, dw0, db0)]
+    if colsum:
+        return (dinp, dw, db, extra["dinp_colsum"]), ref, inits + [ds064]
     return (dinp, dw, db), ref, inits
 
 
@@ -131,29 +139,12 @@ def test_backward(shape, dtype):
 def test_backward_dinp_colsum(shape, dtype):
     """dinp_colsum += the column sums of dinp as stored after the update (the bias gradient a
     projection gets from the LayerNorm backward), with dinp, dweight, dbias as without it."""
-    import cupy
-    from llmc.ops.layernorm import layernorm_backward, layernorm_backward_scratch_size
-    rng = np.random.default_rng(sum(shape) + 5)
-    C = shape[-1]
-    N = int(np.prod(shape[:-1]))
-    x, x64 = randn(rng, shape, dtype, 2.0, 0.5)
-    w, w64, _, _ = params(rng, C, dtype)
-    dout, dout64 = randn(rng, shape, dtype)
-    dinp0, _ = randn(rng, shape, dtype, 0.5)
-    dw0, _ = randn(rng, (C,), dtype, 0.5)
-    db0, _ = randn(rng, (C,), dtype, 0.5)
-    ds0, ds064 = randn(rng, (C,), dtype, 0.5)
-    _, mean, rstd = reference.layernorm_forward(x64, w64, w64)
-    mean, rstd = mean.astype(np.float32), rstd.astype(np.float32)
-    dinp, dw, db, ds = device(dinp0), device(dw0), device(db0), device(ds0)
-    scratch = cupy.full(layernorm_backward_scratch_size(N, C) // 4, np.nan, dtype=cupy.float32)
-    layernorm_backward(dinp, dw, db, device(dout), device(x), device(w), cupy.asarray(mean),
-                       cupy.asarray(rstd), scratch, dinp_colsum=ds)
-    ref = reference.layernorm_backward(dout64, x64, w64, mean.astype(np.float64),
-                                       rstd.astype(np.float64))
-    inits = [a.astype(np.float64) for a in (dinp0, dw0, db0)]
+    (dinp, dw, db, ds), ref, (*inits, ds064) = run_backward(shape, dtype, sum(shape) + 5,
+                                                            colsum=True)
     for name, g, r, i in zip(("dinp", "dweight", "dbias"), (dinp, dw, db), ref, inits):
         assert_close(host(g), i + r, dtype, name)
+    C = shape[-1]
+    N = int(np.prod(shape[:-1]))
     stored = host(dinp).astype(np.float64).reshape(N, C)
     assert_close(host(ds), ds064 + stored.sum(0), dtype, "dinp_colsum")
 

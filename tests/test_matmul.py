@@ -292,6 +292,13 @@ def test_forward_3d(dtype):
     assert_close(host(out), reference.matmul_forward(x64, w64, b64), dtype, "out")
 
 
+def linear_inputs(N, C, OC, dtype, seed):
+    """x (N, C), w (OC, C) scaled by C^-1/2, b (OC,): each (host array, float64 copy)."""
+    rng = np.random.default_rng(seed)
+    return (randn(rng, (N, C), dtype), randn(rng, (OC, C), dtype, C ** -0.5),
+            randn(rng, (OC,), dtype))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(1, 768, 3072), (64, 768, 3072), (37, 40, 96)],
@@ -300,10 +307,7 @@ def test_forward_gelu_epilogue(shape, dtype):
     """gelu=True: gelu(x @ w.T + b) with the tanh GELU of llmc.model.reference (generation's fc)."""
     from llmc.ops.matmul import matmul_forward
     N, C, OC = shape
-    rng = np.random.default_rng(N + C + OC + 1)
-    x, x64 = randn(rng, (N, C), dtype)
-    w, w64 = randn(rng, (OC, C), dtype, C ** -0.5)
-    b, b64 = randn(rng, (OC,), dtype)
+    (x, x64), (w, w64), (b, b64) = linear_inputs(N, C, OC, dtype, seed=N + C + OC + 1)
     out = poisoned((N, OC), dtype)
     matmul_forward(out, device(x), device(w), device(b), gelu=True)
     want = reference.gelu_forward(reference.matmul_forward(x64, w64, b64))
@@ -319,10 +323,7 @@ def test_forward_gelu_aux_epilogue(shape, dtype):
     """gelu=True with pre_gelu (training's fused fc): pre_gelu = x @ w.T + b and out = its GELU."""
     from llmc.ops.matmul import matmul_forward
     N, C, OC = shape
-    rng = np.random.default_rng(N + C + OC + 2)
-    x, x64 = randn(rng, (N, C), dtype)
-    w, w64 = randn(rng, (OC, C), dtype, C ** -0.5)
-    b, b64 = randn(rng, (OC,), dtype)
+    (x, x64), (w, w64), (b, b64) = linear_inputs(N, C, OC, dtype, seed=N + C + OC + 2)
     out, pre = poisoned((N, OC), dtype), poisoned((N, OC), dtype)
     matmul_forward(out, device(x), device(w), device(b), gelu=True, pre_gelu=pre)
     want_pre = reference.matmul_forward(x64, w64, b64)
