@@ -190,8 +190,11 @@ typedef __nv_bfloat16 bf16;
 // blocks per SM its 168 registers allow). Measured on an H200 against the variants the
 // benchmark removed (B=64, NH=12, T=1024): 0.349-0.353 ms, 2 warpgroups of 64-key tiles 0.364,
 // 2 warpgroups of 128-key tiles capped at 128 registers spilled and hung in a check, the same
-// kernel with the softmax overlapping the P V product 0.371 (bitwise equal, slower). Shared
-// memory per block: 8 KiB (Q) + 4 * 128 * BC (K and V, two buffers) + 1 KiB (alignment slack).
+// kernel with the softmax overlapping the P V product 0.371 (bitwise equal, slower); later, one
+// warpgroup of 64-key tiles at 4 blocks per SM no faster. With fewer instructions per tile
+// (fixed-step loads, descriptors formed once a product, the mask's limits) 0.334 ms against
+// cuDNN's 0.294-0.296 (docs/RESULTS.md, fifth part). Shared memory per block: 8 KiB (Q) +
+// 4 * 128 * BC (K and V, two buffers) + 1 KiB (alignment slack).
 extern "C" __global__ void __launch_bounds__(128, 3)
 flash_attention_forward_sm90_w1n128(bf16* __restrict__ out, float* __restrict__ lse,
                                     const bf16* __restrict__ qkv, int B, int T, int NH) {
