@@ -221,7 +221,7 @@ __device__ __forceinline__ void fa9_backward_dkdv(
         fa9_commit();
         fa9_wait_1();
         fa9_pin(st);
-        // masked: a key after the query, or a query past T (its zero row would give P = 1)
+        // Masked: a key after the query, or a query past T (its zero row would give P = 1).
         // Query qs + 8n + 2t + (e & 1), i.e. tile column c = 8n + (e & 1) (a constant), comes
         // before key key0 + g + 8 (e >> 1) when c < klim + 8 (e >> 1); off the diagonal klim is a
         // limit no column reaches (one loop either way: a second copy costs the registers the
