@@ -44,6 +44,10 @@ __device__ __forceinline__ void fa_cp_async16(unsigned dst, const void* src, boo
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                  "r"(valid ? 16 : 0));
 }
+// The same for a chunk known to be valid: no src-size operand.
+__device__ __forceinline__ void fa_cp_async16_full(unsigned dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+}
 __device__ __forceinline__ void fa_cp_async4(unsigned dst, const void* src, bool valid) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
                  "r"(valid ? 4 : 0));
@@ -105,8 +109,7 @@ __device__ __forceinline__ void fa_load_tile(unsigned dst, const bf16* src,
             const bf16* p = src + r0 * stride + c * 8;
 #pragma unroll
             for (int j = 0; j < CHUNKS; j++) {
-                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n"
-                             ::"r"(d + j * STEP * 128), "l"(p));
+                fa_cp_async16_full(d + j * STEP * 128, p);
                 p += STEP * stride;
             }
             return;
