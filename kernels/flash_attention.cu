@@ -73,11 +73,14 @@ __device__ __forceinline__ void flash_forward(bf16* __restrict__ out, float* __r
         fa_load_a(qf, sQ, 16 * warp, lane);
         fa_mma_tile_t(s, qf, sK + (j & 1) * FA_TILE_BYTES, lane);
         if (k0 + FA_TILE - 1 > row0) {  // the tile crosses this warp's diagonal
+            // key k0 + 8n + 2t + (e & 1) follows row row0 + g + 8 (e >> 1) when the tile column
+            // 8n + (e & 1) (a constant) exceeds lim + 8 (e >> 1)
+            const int lim = row0 + g - k0 - 2 * t;
 #pragma unroll
             for (int n = 0; n < 8; n++)
 #pragma unroll
                 for (int e = 0; e < 4; e++)
-                    if (k0 + 8 * n + 2 * t + (e & 1) > row0 + g + 8 * (e >> 1)) s[n][e] = NEG_INF;
+                    if (8 * n + (e & 1) > lim + 8 * (e >> 1)) s[n][e] = NEG_INF;
         }
 #pragma unroll
         for (int hh = 0; hh < 2; hh++) {

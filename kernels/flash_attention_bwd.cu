@@ -95,15 +95,28 @@ __device__ __forceinline__ void flash_backward_dq(
         fa_mma_tile_t(s, af, tK, lane);
         fa_load_a(af, sdO, 16 * warp, lane);
         fa_mma_tile_t(dp, af, tV, lane);
-        const bool diag = k0 + FA_TILE - 1 > row0;
+        if (k0 + FA_TILE - 1 > row0) {  // the tile crosses this warp's diagonal
+            // key k0 + 8n + 2t + (e & 1) follows query row0 + g + 8 (e >> 1) when the tile
+            // column 8n + (e & 1) (a constant) exceeds lim + 8 (e >> 1)
+            const int lim = row0 + g - k0 - 2 * t;
 #pragma unroll
-        for (int n = 0; n < 8; n++) {
+            for (int n = 0; n < 8; n++) {
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const bool masked = diag && k0 + 8 * n + 2 * t + (e & 1) > row0 + g + 8 * (e >> 1);
-                const float p =
-                    masked ? 0.0f : fa_exp2(fmaf(s[n][e], FA_SCALE_LOG2, -lse2[e >> 1]));
-                s[n][e] = p * (dp[n][e] - dd[e >> 1]);  // dS
+                for (int e = 0; e < 4; e++) {
+                    const float p = 8 * n + (e & 1) > lim + 8 * (e >> 1)
+                                        ? 0.0f
+                                        : fa_exp2(fmaf(s[n][e], FA_SCALE_LOG2, -lse2[e >> 1]));
+                    s[n][e] = p * (dp[n][e] - dd[e >> 1]);  // dS
+                }
+            }
+        } else {
+#pragma unroll
+            for (int n = 0; n < 8; n++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const float p = fa_exp2(fmaf(s[n][e], FA_SCALE_LOG2, -lse2[e >> 1]));
+                    s[n][e] = p * (dp[n][e] - dd[e >> 1]);  // dS
+                }
             }
         }
         unsigned dsf[4][4];
@@ -188,18 +201,22 @@ __device__ __forceinline__ void flash_backward_dkdv(
         unsigned af[4][4];  // this warp's K, then V strip (re-read each tile: registers are dear)
         fa_load_a(af, sK, 16 * warp, lane);
         fa_mma_tile_t(st, af, tQ, lane);
-        // masked: a key after the query, or a query past T (its zero row would give P = 1)
+        // Masked: a key after the query, or a query past T (its zero row would give P = 1).
+        // Query qs + 8n + 2t + (e & 1) is tile column c = 8n + (e & 1) (a constant): before key
+        // key0 + g + 8 (e >> 1) when c < klim + 8 (e >> 1), past T when c >= tlim; tiles off the
+        // diagonal and the sequence's end get limits no column reaches.
         const bool edge = qs < key0 + 15 || qs + FA_TILE > T;
+        const int klim = edge ? key0 + g - qs - 2 * t : -FA_TILE;
+        const int tlim = edge ? T - qs - 2 * t : FA_TILE;
 #pragma unroll
         for (int n = 0; n < 8; n++) {
             const float2 l2 = *reinterpret_cast<const float2*>(tL + 8 * n + 2 * t);
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                const int query = qs + 8 * n + 2 * t + (e & 1);
-                const bool masked = edge && (key0 + g + 8 * (e >> 1) > query || query >= T);
+                const int c = 8 * n + (e & 1);
                 const float lse_q = (e & 1) ? l2.y : l2.x;
-                st[n][e] =
-                    masked ? 0.0f : fa_exp2(fmaf(st[n][e], FA_SCALE_LOG2, -lse_q * FA_LOG2E));
+                st[n][e] = c < klim + 8 * (e >> 1) || c >= tlim
+                               ? 0.0f : fa_exp2(fmaf(st[n][e], FA_SCALE_LOG2, -lse_q * FA_LOG2E));
             }
         }
         unsigned pf[4][4];
