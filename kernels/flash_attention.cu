@@ -37,8 +37,7 @@ __device__ __forceinline__ void flash_forward(bf16* __restrict__ out, float* __r
     const unsigned sK = sQ + BR * 128, sV = sK + 2 * FA_TILE_BYTES;
 
     fa_load_tile<BR, NT>(sQ, q_src + q0 * stride, stride, q_end - q0);
-    fa_load_tile<FA_TILE, NT>(sK, k_src, stride, T);
-    fa_load_tile<FA_TILE, NT>(sV, v_src, stride, T);
+    fa_load_kv<FA_TILE, NT>(sK, sV, k_src, v_src, 0, stride, T);
     fa_cp_async_commit();
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -58,8 +57,7 @@ __device__ __forceinline__ void flash_forward(bf16* __restrict__ out, float* __r
         if (j + 1 < n_kt) {
             const int k1 = (j + 1) * FA_TILE, buf = (j + 1) & 1;
             const unsigned off = buf * FA_TILE_BYTES;
-            fa_load_tile<FA_TILE, NT>(sK + off, k_src + k1 * stride, stride, T - k1);
-            fa_load_tile<FA_TILE, NT>(sV + off, v_src + k1 * stride, stride, T - k1);
+            fa_load_kv<FA_TILE, NT>(sK + off, sV + off, k_src, v_src, k1, stride, T);
             fa_cp_async_commit();
         }
         const int k0 = j * FA_TILE;

@@ -124,6 +124,15 @@ __device__ __forceinline__ void fa_load_tile(unsigned dst, const bf16* src,
     }
 }
 
+// Start copying K and V rows [first, first + ROWS) of a head (k and v: its row 0; rows from
+// `end` on zero-filled) into the tiles at sK and sV: every kernel's key/value stream.
+template <int ROWS, int NTHREADS>
+__device__ __forceinline__ void fa_load_kv(unsigned sK, unsigned sV, const bf16* k, const bf16* v,
+                                           int first, long long stride, int end) {
+    fa_load_tile<ROWS, NTHREADS>(sK, k + first * stride, stride, end - first);
+    fa_load_tile<ROWS, NTHREADS>(sV, v + first * stride, stride, end - first);
+}
+
 // Start copying 64 floats (src[0..valid), zeros after) into `dst`; threads 0..63 take one each.
 __device__ __forceinline__ void fa_load_row64(unsigned dst, const float* src, int valid) {
     const int i = threadIdx.x;

@@ -45,8 +45,7 @@ __device__ __forceinline__ void flash_backward_dq(
 
     fa_load_tile<BR, NT>(sQ, q_src + q0 * stride, stride, q_end - q0);
     fa_load_tile<BR, NT>(sdO, dout + row_do, C, q_end - q0);
-    fa_load_tile<FA_TILE, NT>(sK, k_src, stride, T);
-    fa_load_tile<FA_TILE, NT>(sV, v_src, stride, T);
+    fa_load_kv<FA_TILE, NT>(sK, sV, k_src, v_src, 0, stride, T);
     fa_cp_async_commit();
 
     // D for the block's rows straight from global while the tiles load
@@ -72,8 +71,7 @@ __device__ __forceinline__ void flash_backward_dq(
         if (j + 1 < n_kt) {
             const int k1 = (j + 1) * FA_TILE, buf = (j + 1) & 1;
             const unsigned off = buf * FA_TILE_BYTES;
-            fa_load_tile<FA_TILE, NT>(sK + off, k_src + k1 * stride, stride, T - k1);
-            fa_load_tile<FA_TILE, NT>(sV + off, v_src + k1 * stride, stride, T - k1);
+            fa_load_kv<FA_TILE, NT>(sK + off, sV + off, k_src, v_src, k1, stride, T);
             fa_cp_async_commit();
         }
         if (j == 0) {
@@ -156,8 +154,7 @@ __device__ __forceinline__ void flash_backward_dkdv(
     const float* fL = reinterpret_cast<const float*>(fa_smem + (sL - sK));
     const float* fD = reinterpret_cast<const float*>(fa_smem + (sDD - sK));
 
-    fa_load_tile<BC, NT>(sK, k_src + k0 * stride, stride, k_end - k0);
-    fa_load_tile<BC, NT>(sV, v_src + k0 * stride, stride, k_end - k0);
+    fa_load_kv<BC, NT>(sK, sV, k_src, v_src, k0, stride, k_end);
     fa_load_tile<FA_TILE, NT>(sQ, q_src + k0 * stride, stride, T - k0);
     fa_load_tile<FA_TILE, NT>(sdO, do_src + (long long)k0 * C, C, T - k0);
     fa_load_row64(sL, lse_src + k0, T - k0);

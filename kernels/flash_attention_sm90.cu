@@ -79,8 +79,7 @@ __device__ __forceinline__ void fa9_forward(bf16* __restrict__ out, float* __res
     const unsigned sK = sQ + BR * 128, sV = sK + 2 * KV_BYTES;
 
     fa_load_tile<BR, NT>(sQ, q_src + q0 * stride, stride, q_end - q0);
-    fa_load_tile<BC, NT>(sK, k_src, stride, T);
-    fa_load_tile<BC, NT>(sV, v_src, stride, T);
+    fa_load_kv<BC, NT>(sK, sV, k_src, v_src, 0, stride, T);
     fa_cp_async_commit();
 
     const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
@@ -99,8 +98,7 @@ __device__ __forceinline__ void fa9_forward(bf16* __restrict__ out, float* __res
         if (j + 1 < n_kt) {
             const int k1 = (j + 1) * BC;
             const unsigned off = ((j + 1) & 1) * KV_BYTES;
-            fa_load_tile<BC, NT>(sK + off, k_src + k1 * stride, stride, T - k1);
-            fa_load_tile<BC, NT>(sV + off, v_src + k1 * stride, stride, T - k1);
+            fa_load_kv<BC, NT>(sK + off, sV + off, k_src, v_src, k1, stride, T);
             fa_cp_async_commit();
         }
         const int k0 = j * BC;

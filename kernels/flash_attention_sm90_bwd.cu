@@ -56,8 +56,7 @@ __device__ __forceinline__ void fa9_backward_dq(
 
     fa_load_tile<BR, NT>(sQ, q_src + q0 * stride, stride, q_end - q0);
     fa_load_tile<BR, NT>(sdO, dout + row_do, C, q_end - q0);
-    fa_load_tile<FA_TILE, NT>(sK, k_src, stride, T);
-    fa_load_tile<FA_TILE, NT>(sV, v_src, stride, T);
+    fa_load_kv<FA_TILE, NT>(sK, sV, k_src, v_src, 0, stride, T);
     fa_cp_async_commit();
 
     // D for the block's rows straight from global while the tiles load
@@ -81,8 +80,7 @@ __device__ __forceinline__ void fa9_backward_dq(
         if (j + 1 < n_kt) {
             const int k1 = (j + 1) * FA_TILE;
             const unsigned off = ((j + 1) & 1) * FA_TILE_BYTES;
-            fa_load_tile<FA_TILE, NT>(sK + off, k_src + k1 * stride, stride, T - k1);
-            fa_load_tile<FA_TILE, NT>(sV + off, v_src + k1 * stride, stride, T - k1);
+            fa_load_kv<FA_TILE, NT>(sK + off, sV + off, k_src, v_src, k1, stride, T);
             fa_cp_async_commit();
         }
         if (j == 0) {
@@ -174,8 +172,7 @@ __device__ __forceinline__ void fa9_backward_dkdv(
     const float* fL = reinterpret_cast<const float*>(base + (sL - sK));
     const float* fD = reinterpret_cast<const float*>(base + (sDD - sK));
 
-    fa_load_tile<BC, NT>(sK, k_src + k0 * stride, stride, k_end - k0);
-    fa_load_tile<BC, NT>(sV, v_src + k0 * stride, stride, k_end - k0);
+    fa_load_kv<BC, NT>(sK, sV, k_src, v_src, k0, stride, k_end);
     fa_load_tile<FA_TILE, NT>(sQ, q_src + k0 * stride, stride, T - k0);
     fa_load_tile<FA_TILE, NT>(sdO, do_src + (long long)k0 * C, C, T - k0);
     fa_load_row64_fill(sL, lse_src + k0, T - k0, __int_as_float(0x7f800000));  // +inf
