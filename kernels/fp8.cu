@@ -33,53 +33,69 @@ __device__ __forceinline__ unsigned short fp8x2(float a, float b, int e5m2) {
     return __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, e5m2 ? __NV_E5M2 : __NV_E4M3);
 }
 
+// Byte offset of tile element (row, col) in the shared tile: 4-byte word col / 4 of a row is
+// stored at word (col / 4) ^ (2 * ((row / 8) % 8)). The XOR keeps a thread's 8-byte row piece
+// (an even word and the next) together and in order, and spreads the transposed reads (8 rows
+// 8 apart, one column) over distinct banks.
+__device__ __forceinline__ int fp8_tile_offset(int row, int col) {
+    return row * (FP8_TILE + 8) + ((((col >> 2) ^ (2 * ((row >> 3) & 7)))) << 2) + (col & 3);
+}
+
 template <bool GELU>
-__device__ __forceinline__ void cast_transpose_tile(floatX* out_x, unsigned char* out,
-                                                    unsigned char* out_t, float* amax,
-                                                    const floatX* inp, const float* scale,
-                                                    int rows, int cols, int e5m2) {
-    __shared__ unsigned char tile[FP8_TILE][FP8_TILE + 8];
+__device__ __forceinline__ void cast_transpose_tile(floatX* __restrict__ out_x,
+                                                    unsigned char* __restrict__ out,
+                                                    unsigned char* __restrict__ out_t,
+                                                    float* amax, const floatX* __restrict__ inp,
+                                                    const float* scale, int rows, int cols,
+                                                    int e5m2) {
+    constexpr int ITER = FP8_TILE / 32, LOADS = 8 / x128::size;
+    __shared__ __align__(16) unsigned char tile[FP8_TILE * (FP8_TILE + 8)];
     __shared__ unsigned int block_amax[8];
     const long long z_off = (long long)blockIdx.z * rows * cols;
     const float s = scale[blockIdx.z];
     const int r0 = blockIdx.y * FP8_TILE, c0 = blockIdx.x * FP8_TILE;
     const int gx = threadIdx.x % 8, gy = threadIdx.x / 8;  // column group of 8, row 0..31
+    // every row this thread converts is loaded before the first is used (more loads in flight)
+    x128 p[ITER][LOADS];
+    #pragma unroll
+    for (int it = 0; it < ITER; it++) {
+        const int r = r0 + gy + 32 * it, c = c0 + gx * 8;
+        if (r < rows && c < cols) {
+            #pragma unroll
+            for (int k = 0; k < LOADS; k++)
+                p[it][k] = load128(inp + z_off + (long long)r * cols + c + k * x128::size);
+        }
+    }
     unsigned int m = 0;
-    for (int i = 0; i < FP8_TILE; i += 32) {
-        const int r = r0 + gy + i, c = c0 + gx * 8;
+    #pragma unroll
+    for (int it = 0; it < ITER; it++) {
+        const int r = r0 + gy + 32 * it, c = c0 + gx * 8;
         if (r >= rows || c >= cols) continue;
         const long long idx = z_off + (long long)r * cols + c;
         float v[8];
         #pragma unroll
-        for (int k = 0; k < 8; k += x128::size) {
-            x128 p = load128(inp + idx + k);
+        for (int k = 0; k < LOADS; k++) {
             #pragma unroll
             for (int j = 0; j < x128::size; j++) {
-                float x = to_float(p[j]);
+                float x = to_float(p[it][k][j]);
                 if (GELU) {
-                    p[j] = from_float<floatX>(gelu_fwd(x));
-                    x = to_float(p[j]);  // cast what a floatX gelu output would hold
+                    p[it][k][j] = from_float<floatX>(gelu_fwd(x));
+                    x = to_float(p[it][k][j]);  // cast what a floatX gelu output would hold
                 }
-                v[k + j] = x;
+                v[k * x128::size + j] = x;
             }
-            if (GELU && out_x != nullptr) store128(out_x + idx + k, p);
+            if (GELU && out_x != nullptr) store128(out_x + idx + k * x128::size, p[it][k]);
         }
-        unsigned char q[8];
+        unsigned int q[2] = {0u, 0u};
         #pragma unroll
         for (int k = 0; k < 8; k += 2) {
             m = max(m, max(__float_as_uint(fabsf(v[k])), __float_as_uint(fabsf(v[k + 1]))));
-            const unsigned short pair = fp8x2(v[k] * s, v[k + 1] * s, e5m2);
-            q[k] = (unsigned char)(pair & 0xff);
-            q[k + 1] = (unsigned char)(pair >> 8);
+            const unsigned int pair = fp8x2(v[k] * s, v[k + 1] * s, e5m2);
+            q[k / 4] |= pair << (8 * (k % 4));
         }
-        if (out != nullptr) {
-            uint2 packed;
-            packed.x = q[0] | (q[1] << 8) | (q[2] << 16) | ((unsigned)q[3] << 24);
-            packed.y = q[4] | (q[5] << 8) | (q[6] << 16) | ((unsigned)q[7] << 24);
-            *reinterpret_cast<uint2*>(out + idx) = packed;
-        }
-        #pragma unroll
-        for (int k = 0; k < 8; k++) tile[gy + i][gx * 8 + k] = q[k];
+        const uint2 packed = make_uint2(q[0], q[1]);
+        if (out != nullptr) *reinterpret_cast<uint2*>(out + idx) = packed;
+        *reinterpret_cast<uint2*>(tile + fp8_tile_offset(gy + 32 * it, gx * 8)) = packed;
     }
     m = __reduce_max_sync(0xffffffffu, m);
     if (threadIdx.x % 32 == 0) block_amax[threadIdx.x / 32] = m;
@@ -91,16 +107,16 @@ __device__ __forceinline__ void cast_transpose_tile(floatX* out_x, unsigned char
     }
     if (out_t == nullptr) return;
     // out_t row c (a column of the tile), bytes r0 + 8 gx .. + 8
-    for (int i = 0; i < FP8_TILE; i += 32) {
-        const int c = c0 + gy + i, r = r0 + gx * 8;
+    #pragma unroll
+    for (int it = 0; it < ITER; it++) {
+        const int c = c0 + gy + 32 * it, r = r0 + gx * 8;
         if (c >= cols || r >= rows) continue;
-        unsigned char q[8];
+        unsigned int q[2] = {0u, 0u};
         #pragma unroll
-        for (int k = 0; k < 8; k++) q[k] = tile[gx * 8 + k][gy + i];
-        uint2 packed;
-        packed.x = q[0] | (q[1] << 8) | (q[2] << 16) | ((unsigned)q[3] << 24);
-        packed.y = q[4] | (q[5] << 8) | (q[6] << 16) | ((unsigned)q[7] << 24);
-        *reinterpret_cast<uint2*>(out_t + z_off + (long long)c * rows + r) = packed;
+        for (int k = 0; k < 8; k++)
+            q[k / 4] |= (unsigned int)tile[fp8_tile_offset(gx * 8 + k, gy + 32 * it)]
+                        << (8 * (k % 4));
+        *reinterpret_cast<uint2*>(out_t + z_off + (long long)c * rows + r) = make_uint2(q[0], q[1]);
     }
 }
 
