@@ -293,17 +293,25 @@ __device__ __forceinline__ void fa_rowdot_D(float* sD, float* __restrict__ D_hea
                                             const bf16* __restrict__ dout_rows,
                                             const bf16* __restrict__ out_rows, int C, int q0,
                                             int T) {
+    constexpr int NJ = BR * 8 / NT;  // rows a thread's lane group covers
+    int4 a[NJ], o[NJ];  // every load in flight before the first is used (rows past T: zero)
 #pragma unroll
-    for (int j = 0; j < BR * 8 / NT; j++) {
-        const int i = threadIdx.x + j * NT;
-        const int r = i >> 3, c = i & 7;
-        float d = 0.0f;
+    for (int j = 0; j < NJ; j++) {
+        const int r = (threadIdx.x + j * NT) >> 3, c = threadIdx.x & 7;
+        a[j] = o[j] = make_int4(0, 0, 0, 0);
         if (q0 + r < T) {
-            const Packed128<bf16> a = load128(dout_rows + (long long)r * C + c * 8);
-            const Packed128<bf16> o = load128(out_rows + (long long)r * C + c * 8);
-#pragma unroll
-            for (int k = 0; k < 8; k++) d = fmaf(to_float(a[k]), to_float(o[k]), d);
+            a[j] = *reinterpret_cast<const int4*>(dout_rows + (long long)r * C + c * 8);
+            o[j] = *reinterpret_cast<const int4*>(out_rows + (long long)r * C + c * 8);
         }
+    }
+#pragma unroll
+    for (int j = 0; j < NJ; j++) {
+        const int r = (threadIdx.x + j * NT) >> 3, c = threadIdx.x & 7;
+        const bf16* av = reinterpret_cast<const bf16*>(&a[j]);
+        const bf16* ov = reinterpret_cast<const bf16*>(&o[j]);
+        float d = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 8; k++) d = fmaf(to_float(av[k]), to_float(ov[k]), d);
         d += __shfl_xor_sync(0xffffffffu, d, 1);
         d += __shfl_xor_sync(0xffffffffu, d, 2);
         d += __shfl_xor_sync(0xffffffffu, d, 4);

@@ -56,6 +56,64 @@ __device__ __forceinline__ void fa9_pv(float (&o)[8][4], const unsigned (&p)[BC 
     fa9_pin(o);
 }
 
+// One key tile of BC keys k0 .. k0 + BC - 1 for this warpgroup: S = Q K^T, the mask where the
+// tile crosses this warp's diagonal (row0: the warp's first row), the online softmax update of
+// the running max m and sum l (two rows a thread: row0 + g and row0 + g + 8) with O rescaled,
+// and O += P V. q, k, v: shared addresses of the warpgroup's Q rows and the K and V tiles.
+template <int BC>
+__device__ __forceinline__ void fa9_tile(float (&o)[8][4], float (&m)[2], float (&l)[2],
+                                         unsigned q, unsigned k, unsigned v, int k0, int row0,
+                                         int g, int t) {
+    constexpr int NS = BC / 8;
+    float s[NS][4];
+    fa9_scores<BC>(s, q, k);
+    if (k0 + BC - 1 > row0) {  // the tile crosses this warp's diagonal
+        // key k0 + 8n + 2t + (e & 1) follows row row0 + g + 8 (e >> 1) when the tile column
+        // 8n + (e & 1) (a constant) exceeds lim + 8 (e >> 1)
+        const int lim = row0 + g - k0 - 2 * t;
+#pragma unroll
+        for (int n = 0; n < NS; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                if (8 * n + (e & 1) > lim + 8 * (e >> 1)) s[n][e] = NEG_INF;
+    }
+#pragma unroll
+    for (int hh = 0; hh < 2; hh++) {
+        float mx = m[hh];
+#pragma unroll
+        for (int n = 0; n < NS; n++) mx = fmaxf(mx, fmaxf(s[n][2 * hh], s[n][2 * hh + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float mc = mx * FA_SCALE_LOG2;
+        const float corr = fa_exp2(m[hh] * FA_SCALE_LOG2 - mc);  // 0 on the first tile
+        m[hh] = mx;
+        float sum = 0.0f;
+#pragma unroll
+        for (int n = 0; n < NS; n++) {
+#pragma unroll
+            for (int e = 2 * hh; e < 2 * hh + 2; e++) {
+                s[n][e] = fa_exp2(fmaf(s[n][e], FA_SCALE_LOG2, -mc));
+                sum += s[n][e];
+            }
+        }
+#pragma unroll
+        for (int n = 0; n < 8; n++) {
+            o[n][2 * hh] *= corr;
+            o[n][2 * hh + 1] *= corr;
+        }
+        l[hh] = l[hh] * corr + sum;
+    }
+    unsigned p[BC / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < BC / 16; kk++) {
+        p[kk][0] = fa_pack(s[2 * kk][0], s[2 * kk][1]);
+        p[kk][1] = fa_pack(s[2 * kk][2], s[2 * kk][3]);
+        p[kk][2] = fa_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        p[kk][3] = fa_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+    fa9_pv<BC>(o, p, v);
+}
+
 template <int NWG, int BC>
 __device__ __forceinline__ void fa9_forward(bf16* __restrict__ out, float* __restrict__ lse,
                                             const bf16* __restrict__ qkv, int B, int T, int NH) {
@@ -82,7 +140,8 @@ __device__ __forceinline__ void fa9_forward(bf16* __restrict__ out, float* __res
     fa_load_kv<BC, NT>(sK, sV, k_src, v_src, 0, stride, T);
     fa_cp_async_commit();
 
-    const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    const int wg = NWG == 1 ? 0 : threadIdx.x / 128, warp = (threadIdx.x / 32) % 4;
+    const int lane = threadIdx.x % 32;
     const int g = lane >> 2, t = lane & 3;
     const int wrow0 = q0 + 64 * wg;       // this warpgroup's rows: wrow0 .. wrow0 + 63
     const int row0 = wrow0 + 16 * warp;  // this warp's: row0 + g and row0 + g + 8
@@ -106,53 +165,11 @@ __device__ __forceinline__ void fa9_forward(bf16* __restrict__ out, float* __res
         // so every row has a finite max after it (key 0 <= row).
         if (!active || k0 > wrow0 + 63) continue;
 
-        float s[NS][4];
-        fa9_scores<BC>(s, sQw, sK + (j & 1) * KV_BYTES);
-        if (k0 + BC - 1 > row0) {  // the tile crosses this warp's diagonal
-            // key k0 + 8n + 2t + (e & 1) follows row row0 + g + 8 (e >> 1) when the tile column
-            // 8n + (e & 1) (a constant) exceeds lim + 8 (e >> 1)
-            const int lim = row0 + g - k0 - 2 * t;
-#pragma unroll
-            for (int n = 0; n < NS; n++)
-#pragma unroll
-                for (int e = 0; e < 4; e++)
-                    if (8 * n + (e & 1) > lim + 8 * (e >> 1)) s[n][e] = NEG_INF;
-        }
-#pragma unroll
-        for (int hh = 0; hh < 2; hh++) {
-            float mx = m[hh];
-#pragma unroll
-            for (int n = 0; n < NS; n++) mx = fmaxf(mx, fmaxf(s[n][2 * hh], s[n][2 * hh + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float mc = mx * FA_SCALE_LOG2;
-            const float corr = fa_exp2(m[hh] * FA_SCALE_LOG2 - mc);  // 0 on the first tile
-            m[hh] = mx;
-            float sum = 0.0f;
-#pragma unroll
-            for (int n = 0; n < NS; n++) {
-#pragma unroll
-                for (int e = 2 * hh; e < 2 * hh + 2; e++) {
-                    s[n][e] = fa_exp2(fmaf(s[n][e], FA_SCALE_LOG2, -mc));
-                    sum += s[n][e];
-                }
-            }
-#pragma unroll
-            for (int n = 0; n < 8; n++) {
-                o[n][2 * hh] *= corr;
-                o[n][2 * hh + 1] *= corr;
-            }
-            l[hh] = l[hh] * corr + sum;
-        }
-        unsigned p[BC / 16][4];
-#pragma unroll
-        for (int kk = 0; kk < BC / 16; kk++) {
-            p[kk][0] = fa_pack(s[2 * kk][0], s[2 * kk][1]);
-            p[kk][1] = fa_pack(s[2 * kk][2], s[2 * kk][3]);
-            p[kk][2] = fa_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            p[kk][3] = fa_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-        }
-        fa9_pv<BC>(o, p, sV + (j & 1) * KV_BYTES);
+        const unsigned tK = sK + (j & 1) * KV_BYTES, tV = sV + (j & 1) * KV_BYTES;
+        if (BC == 128 && k0 + 64 > wrow0 + 63)  // keys k0 + 64 on follow every row: half a tile
+            fa9_tile<64>(o, m, l, sQw, tK, tV, k0, row0, g, t);
+        else
+            fa9_tile<BC>(o, m, l, sQw, tK, tV, k0, row0, g, t);
     }
 
     // Epilogue: O / l staged as bf16 in this warp's own rows of the Q tile (only its warpgroup

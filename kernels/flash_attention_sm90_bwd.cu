@@ -228,12 +228,12 @@ __device__ __forceinline__ void fa9_backward_dkdv(
 #pragma unroll
         for (int n = 0; n < 8; n++) {
             const float2 l2 = *reinterpret_cast<const float2*>(tL + 8 * n + 2 * t);
+            // -lse in log2 units, once per query column (the two key rows share it)
+            const float nl[2] = {-l2.x * FA_LOG2E, -l2.y * FA_LOG2E};
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const float lse_q = (e & 1) ? l2.y : l2.x;
+            for (int e = 0; e < 4; e++)
                 st[n][e] = 8 * n + (e & 1) < klim + 8 * (e >> 1)
-                               ? 0.0f : fa_exp2(fmaf(st[n][e], FA_SCALE_LOG2, -lse_q * FA_LOG2E));
-            }
+                               ? 0.0f : fa_exp2(fmaf(st[n][e], FA_SCALE_LOG2, nl[e & 1]));
         }
         unsigned pf[4][4], dsf[4][4];
         fa_c_to_a(pf, st);
