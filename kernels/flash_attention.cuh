@@ -91,12 +91,36 @@ __device__ __forceinline__ unsigned fa_offset(int row, int chunk) {
     return row * 128 + ((chunk ^ (row & 7)) << 4);
 }
 
+// A thread's part of every tile copy: chunk c = threadIdx.x % 8 of rows r0, r0 + STEP, ...
+// (r0 = threadIdx.x / 8, STEP = NTHREADS / 8). With STEP a multiple of 8 every one of those rows
+// has r0's swizzle, so in a whole tile the shared and global addresses just advance by fixed
+// steps from the thread's first chunk: fa_my_chunk() is its offset in a shared tile,
+// fa_my_row(src, stride) its source in a tile whose row 0 is at src.
+__device__ __forceinline__ unsigned fa_my_chunk() {
+    return fa_offset(threadIdx.x >> 3, threadIdx.x & 7);
+}
+__device__ __forceinline__ const bf16* fa_my_row(const bf16* src, long long stride) {
+    return src + (threadIdx.x >> 3) * stride + (threadIdx.x & 7) * 8;
+}
+
+// Start copying a whole tile of ROWS rows: dst = tile + fa_my_chunk(), p = fa_my_row(tile's
+// source row 0, stride). No index arithmetic or predicate per chunk. Loops over tiles keep p
+// and step it a tile at a time.
+template <int ROWS, int NTHREADS>
+__device__ __forceinline__ void fa_load_rows(unsigned dst, const bf16* p, long long stride) {
+    constexpr int STEP = NTHREADS / 8, CHUNKS = ROWS * 8 / NTHREADS;
+    static_assert(STEP % 8 == 0 && (ROWS * 8) % NTHREADS == 0, "rows keep the thread's swizzle");
+#pragma unroll
+    for (int j = 0; j < CHUNKS; j++) {
+        fa_cp_async16_full(dst + j * STEP * 128, p);
+        p += STEP * stride;
+    }
+}
+
 // Start copying ROWS rows of 64 bf16 (row r at src + r * stride) into the tile at `dst`; rows
-// from `valid` on are zero-filled (their source address is clamped to row 0, never read).
-// A thread copies chunk c = threadIdx.x % 8 of rows r0, r0 + STEP, ... (r0 = threadIdx.x / 8,
-// STEP = NTHREADS / 8). With STEP a multiple of 8 every one of those rows has r0's swizzle, so
-// when the whole tile is valid (every tile but a sequence's last partial one) the shared and
-// global addresses just advance by fixed steps: no per-chunk index arithmetic or predicate.
+// from `valid` on are zero-filled (their source address is clamped to row 0, never read). A
+// whole tile (every tile but a sequence's last partial one) takes fa_load_rows where the
+// thread count allows it.
 template <int ROWS, int NTHREADS>
 __device__ __forceinline__ void fa_load_tile(unsigned dst, const bf16* src,
                                              long long stride, int valid) {
@@ -104,14 +128,7 @@ __device__ __forceinline__ void fa_load_tile(unsigned dst, const bf16* src,
     constexpr int STEP = NTHREADS / 8, CHUNKS = ROWS * 8 / NTHREADS;
     if constexpr (STEP % 8 == 0) {
         if (valid >= ROWS) {
-            const int r0 = threadIdx.x >> 3, c = threadIdx.x & 7;
-            const unsigned d = dst + fa_offset(r0, c);
-            const bf16* p = src + r0 * stride + c * 8;
-#pragma unroll
-            for (int j = 0; j < CHUNKS; j++) {
-                fa_cp_async16_full(d + j * STEP * 128, p);
-                p += STEP * stride;
-            }
+            fa_load_rows<ROWS, NTHREADS>(dst + fa_my_chunk(), fa_my_row(src, stride), stride);
             return;
         }
     }
@@ -131,6 +148,23 @@ __device__ __forceinline__ void fa_load_kv(unsigned sK, unsigned sV, const bf16*
                                            int first, long long stride, int end) {
     fa_load_tile<ROWS, NTHREADS>(sK, k + first * stride, stride, end - first);
     fa_load_tile<ROWS, NTHREADS>(sV, v + first * stride, stride, end - first);
+}
+
+// fa_load_kv in a loop over key tiles: `mine` is this thread's fa_my_row of tile `first`'s K row
+// (its V is C elements on), stepped here to the next tile; `chunk` is fa_my_chunk(). Whole
+// tiles load from it; the last partial one takes fa_load_kv.
+template <int ROWS, int NTHREADS>
+__device__ __forceinline__ void fa_load_kv_step(unsigned sK, unsigned sV, const bf16*& mine,
+                                                unsigned chunk, int C, const bf16* k,
+                                                const bf16* v, int first, long long stride,
+                                                int end) {
+    if (end - first >= ROWS) {
+        fa_load_rows<ROWS, NTHREADS>(sK + chunk, mine, stride);
+        fa_load_rows<ROWS, NTHREADS>(sV + chunk, mine + C, stride);
+    } else {
+        fa_load_kv<ROWS, NTHREADS>(sK, sV, k, v, first, stride, end);
+    }
+    mine += ROWS * stride;
 }
 
 // Start copying 64 floats (src[0..valid), zeros after) into `dst`; threads 0..63 take one each.

@@ -152,12 +152,15 @@ __device__ __forceinline__ void fa9_forward(bf16* __restrict__ out, float* __res
     for (int n = 0; n < 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
 
+    const unsigned chunk = fa_my_chunk();
+    const bf16* kv_next = fa_my_row(k_src, stride) + BC * stride;  // tile 1, this thread's part
     for (int j = 0; j < n_kt; j++) {
         fa9_tile_ready();  // tile j visible to all; every warpgroup is done with tile j - 1
         if (j + 1 < n_kt) {
             const int k1 = (j + 1) * BC;
             const unsigned off = ((j + 1) & 1) * KV_BYTES;
-            fa_load_kv<BC, NT>(sK + off, sV + off, k_src, v_src, k1, stride, T);
+            fa_load_kv_step<BC, NT>(sK + off, sV + off, kv_next, chunk, C, k_src, v_src, k1,
+                                    stride, T);
             fa_cp_async_commit();
         }
         const int k0 = j * BC;

@@ -75,12 +75,15 @@ __device__ __forceinline__ void fa9_backward_dq(
 #pragma unroll
     for (int n = 0; n < 8; n++) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
 
+    const unsigned chunk = fa_my_chunk();
+    const bf16* kv_next = fa_my_row(k_src, stride) + FA_TILE * stride;  // tile 1, this thread's
     for (int j = 0; j < n_kt; j++) {
         fa9_tile_ready();  // tile j and sD visible to all; tile j - 1's products have completed
         if (j + 1 < n_kt) {
             const int k1 = (j + 1) * FA_TILE;
             const unsigned off = ((j + 1) & 1) * FA_TILE_BYTES;
-            fa_load_kv<FA_TILE, NT>(sK + off, sV + off, k_src, v_src, k1, stride, T);
+            fa_load_kv_step<FA_TILE, NT>(sK + off, sV + off, kv_next, chunk, C, k_src, v_src, k1,
+                                         stride, T);
             fa_cp_async_commit();
         }
         if (j == 0) {
@@ -189,13 +192,24 @@ __device__ __forceinline__ void fa9_backward_dkdv(
         dv[n][0] = dv[n][1] = dv[n][2] = dv[n][3] = 0.0f;
     }
 
+    // this thread's part of query tile 1 of Q and of dO, stepped a tile at a time
+    const unsigned chunk = fa_my_chunk();
+    const bf16* q_next = fa_my_row(q_src, stride) + (k0 + FA_TILE) * stride;
+    const bf16* do_next = fa_my_row(do_src, C) + (long long)(k0 + FA_TILE) * C;
     for (int j = 0; j < n_qt; j++) {
         fa9_tile_ready();  // query tile j visible to all; tile j - 1's products have completed
         if (j + 1 < n_qt) {
             const int q1 = k0 + (j + 1) * FA_TILE, buf = (j + 1) & 1;
             const unsigned off = buf * FA_TILE_BYTES;
-            fa_load_tile<FA_TILE, NT>(sQ + off, q_src + q1 * stride, stride, T - q1);
-            fa_load_tile<FA_TILE, NT>(sdO + off, do_src + (long long)q1 * C, C, T - q1);
+            if (T - q1 >= FA_TILE) {
+                fa_load_rows<FA_TILE, NT>(sQ + off + chunk, q_next, stride);
+                fa_load_rows<FA_TILE, NT>(sdO + off + chunk, do_next, C);
+            } else {
+                fa_load_tile<FA_TILE, NT>(sQ + off, q_src + q1 * stride, stride, T - q1);
+                fa_load_tile<FA_TILE, NT>(sdO + off, do_src + (long long)q1 * C, C, T - q1);
+            }
+            q_next += FA_TILE * stride;
+            do_next += FA_TILE * C;
             fa_load_row64_fill(sL + buf * FA_TILE * 4, lse_src + q1, T - q1,
                                __int_as_float(0x7f800000));  // +inf
             fa_load_row64(sDD + buf * FA_TILE * 4, d_src + q1, T - q1);
