@@ -99,8 +99,11 @@ __device__ __forceinline__ unsigned fa_offset(int row, int chunk) {
 __device__ __forceinline__ unsigned fa_my_chunk() {
     return fa_offset(threadIdx.x >> 3, threadIdx.x & 7);
 }
+__device__ __forceinline__ long long fa_my_elem(long long stride) {
+    return (threadIdx.x >> 3) * stride + (threadIdx.x & 7) * 8;
+}
 __device__ __forceinline__ const bf16* fa_my_row(const bf16* src, long long stride) {
-    return src + (threadIdx.x >> 3) * stride + (threadIdx.x & 7) * 8;
+    return src + fa_my_elem(stride);
 }
 
 // Start copying a whole tile of ROWS rows: dst = tile + fa_my_chunk(), p = fa_my_row(tile's
@@ -180,13 +183,27 @@ __device__ __forceinline__ void fa_load_row64_fill(unsigned dst, const float* sr
     else if (i < FA_TILE) asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(dst + 4 * i), "f"(fill));
 }
 
-// Copy the first `valid` rows of a tile to global rows dst + r * stride, 16 bytes a thread.
+// Copy the first `valid` rows of a tile to global rows dst + r * stride, 16 bytes a thread
+// (the chunks fa_load_tile would load: a whole tile steps fixed addresses, as fa_load_rows).
 template <int ROWS, int NTHREADS>
 __device__ __forceinline__ void fa_store_tile(bf16* dst, long long stride, int valid,
                                               const unsigned char* tile) {
     static_assert((ROWS * 8) % NTHREADS == 0, "whole chunks per thread");
+    constexpr int STEP = NTHREADS / 8, CHUNKS = ROWS * 8 / NTHREADS;
+    if constexpr (STEP % 8 == 0) {
+        if (valid >= ROWS) {
+            const unsigned char* src = tile + fa_my_chunk();
+            bf16* p = dst + fa_my_elem(stride);
 #pragma unroll
-    for (int j = 0; j < ROWS * 8 / NTHREADS; j++) {
+            for (int j = 0; j < CHUNKS; j++) {
+                *reinterpret_cast<int4*>(p) = *reinterpret_cast<const int4*>(src + j * STEP * 128);
+                p += STEP * stride;
+            }
+            return;
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < CHUNKS; j++) {
         const int i = threadIdx.x + j * NTHREADS;
         const int r = i >> 3, c = i & 7;
         if (r < valid)
