@@ -9,8 +9,10 @@
         two CUDA events on the current stream, the L2 flush before the first event
     record(benchmark, fn, *, nbytes=None, flops=None, dtype="bf16") -> median ms; fills
         extra_info (ms, GB/s or TFLOP/s, fraction of this card's ceiling) and adds a row to ROWS
-    torch_peer(info, name, make, ours_ms) -> the PyTorch peer's median ms on the same GPU, timed
-        the same way, noted in extra_info and on the benchmark's row
+    torch_peer(info, name, make, ours_ms, ours_fn=None) -> the PyTorch peer's median ms on the
+        same GPU, timed the same way (with ours_fn: in alternation with ours), noted in
+        extra_info and on the benchmark's row
+    alternate({name: fn}, rounds=3) -> {name: median ms}, the callables timed in turns
     ROWS: the rows of this session; bench/conftest.py prints them as a table at the end.
 
 Why: with fixed H100 figures (3.0 TB/s, 780 TFLOP/s) and warm L2, memory-bound kernels on an
@@ -176,18 +178,41 @@ def record(benchmark, fn, *, nbytes: int | None = None, flops: int | None = None
     return ms
 
 
-def torch_peer(info: dict, name: str, make, ours_ms: float, warmup: int = 3, iters: int = 20):
+def alternate(fns: dict, rounds: int = 3, warmup: int = 3, iters: int = 20) -> dict:
+    """Median ms of each callable, timed by cuda_time in alternation: round r times every one of
+    them, starting one further along the list each round. Under sustained load the card's clock
+    drifts (it warms, it meets its power limit), so the one timed later would lose; alternating
+    gives each the same share of every state. Returns {name: median over the rounds}."""
+    import statistics
+    names = list(fns)
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            times[n].append(cuda_time(fns[n], warmup, iters))
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def torch_peer(info: dict, name: str, make, ours_ms: float, warmup: int = 3, iters: int = 20,
+               ours_fn=None, rounds: int = 3):
     """Time a PyTorch peer on the same GPU: make() imports torch and returns the callable.
 
     Records info[f"{name}_ms"] and info[f"speedup_vs_{name}"] (> 1: we are faster), and the
     peer on the row of the benchmark that owns `info`; a missing torch or an out-of-memory is
     recorded instead of failing the benchmark. Both libraries run on the legacy default stream,
-    so CuPy events time the torch work; L2 is flushed before each call as for ours.
+    so CuPy events time the torch work; L2 is flushed before each call as for ours. With ours_fn
+    (our callable), ours and the peer are timed in alternation (`alternate`, `rounds` each) and
+    the speedup is the ratio of those medians; ours then goes to info[f"ours_ms_beside_{name}"].
     """
     row = next((r for r in reversed(ROWS) if r["info"] is info), None)
     try:
         fn = make()
-        ms = cuda_time(fn, warmup, iters)
+        if ours_fn is None:
+            ms = cuda_time(fn, warmup, iters)
+        else:
+            med = alternate({"ours": ours_fn, name: fn}, rounds, warmup, iters)
+            ms, ours_ms = med[name], med["ours"]
+            info[f"ours_ms_beside_{name}"] = round(ours_ms, 4)
     except (ImportError, RuntimeError) as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
         info[f"{name}_ms"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
         if row is not None:

@@ -40,3 +40,37 @@ def test_ceilings_describe():
     text = c.describe()
     assert "memory 4.40 TB/s (copy 4.00, read 4.40, write 4.30)" in text
     assert "bf16 750 TFLOP/s, fp32 55.0 TFLOP/s" in text and "L2 60 MiB" in text
+
+
+def test_alternate_rotates_and_takes_medians(monkeypatch):
+    """Each round times every callable once, starting one further along; medians per name."""
+    order = []
+    fake = {"ours": [3.0, 1.0, 2.0], "peer": [5.0, 4.0, 9.0]}
+
+    def cuda_time(fn, warmup, iters):
+        order.append(fn.__name__)
+        return fake[fn.__name__].pop(0)
+
+    def ours():
+        pass
+
+    def peer():
+        pass
+    monkeypatch.setattr(timing, "cuda_time", cuda_time)
+    med = timing.alternate({"ours": ours, "peer": peer}, rounds=3)
+    assert order == ["ours", "peer", "peer", "ours", "ours", "peer"]
+    assert med == {"ours": 2.0, "peer": 5.0}
+
+
+def test_torch_peer_in_alternation_records_both_medians(monkeypatch):
+    times = iter([1.0, 2.0, 2.2, 1.1, 0.9, 2.4])  # ours, peer, peer, ours, ours, peer
+
+    monkeypatch.setattr(timing, "cuda_time", lambda fn, warmup, iters: next(times))
+    row = {"name": "x", "ms": 1.05, "rate": "", "frac": None, "peers": [], "info": {}}
+    monkeypatch.setattr(timing, "ROWS", [row])
+    ms = timing.torch_peer(row["info"], "sdpa", lambda: (lambda: None), 1.05,
+                           ours_fn=lambda: None)
+    assert ms == 2.2
+    assert row["info"]["ours_ms_beside_sdpa"] == 1.0
+    assert row["info"]["speedup_vs_sdpa"] == 2.2
+    assert row["peers"] == [("sdpa", 2.2, 1.0)]
