@@ -273,8 +273,9 @@ __device__ __forceinline__ void fa_c_to_a(unsigned a[4][4], const float c[8][4])
 }
 
 // Write scale * C (a 16 x 64 strip at tile rows r0..r0+15) as bf16 into a swizzled tile.
-__device__ __forceinline__ void fa_stage(unsigned char* tile, const float c[8][4], float scale,
-                                         int r0, int lane) {
+// fa_stage with a scale per row of the thread's pair: scale[h] for row r0 + g + 8h.
+__device__ __forceinline__ void fa_stage_rows(unsigned char* tile, const float c[8][4],
+                                              const float scale[2], int r0, int lane) {
     const int g = lane >> 2, t = lane & 3;
 #pragma unroll
     for (int n = 0; n < 8; n++) {
@@ -282,9 +283,14 @@ __device__ __forceinline__ void fa_stage(unsigned char* tile, const float c[8][4
         for (int h = 0; h < 2; h++) {
             const int row = r0 + g + 8 * h;
             *reinterpret_cast<unsigned*>(tile + fa_offset(row, n) + 4 * t) =
-                fa_pack(c[n][2 * h] * scale, c[n][2 * h + 1] * scale);
+                fa_pack(c[n][2 * h] * scale[h], c[n][2 * h + 1] * scale[h]);
         }
     }
+}
+__device__ __forceinline__ void fa_stage(unsigned char* tile, const float c[8][4], float scale,
+                                         int r0, int lane) {
+    const float both[2] = {scale, scale};
+    fa_stage_rows(tile, c, both, r0, lane);
 }
 
 // The grid is (NH, tiles per head, B): block (h, rank, b) takes head h of batch b and tile

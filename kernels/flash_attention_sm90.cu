@@ -60,7 +60,8 @@ __device__ __forceinline__ void fa9_pv(float (&o)[8][4], const unsigned (&p)[BC 
 // tile crosses this warp's diagonal (row0: the warp's first row), the online softmax update of
 // the running max m and sum l (two rows a thread: row0 + g and row0 + g + 8) with O rescaled,
 // and O += P V. q, k, v: shared addresses of the warpgroup's Q rows and the K and V tiles.
-template <int BC>
+// Columns below 8 * N0 precede every row of the warpgroup: the mask skips them.
+template <int BC, int N0 = 0>
 __device__ __forceinline__ void fa9_tile(float (&o)[8][4], float (&m)[2], float (&l)[2],
                                          unsigned q, unsigned k, unsigned v, int k0, int row0,
                                          int g, int t) {
@@ -72,7 +73,7 @@ __device__ __forceinline__ void fa9_tile(float (&o)[8][4], float (&m)[2], float 
         // 8n + (e & 1) (a constant) exceeds lim + 8 (e >> 1)
         const int lim = row0 + g - k0 - 2 * t;
 #pragma unroll
-        for (int n = 0; n < NS; n++)
+        for (int n = N0; n < NS; n++)
 #pragma unroll
             for (int e = 0; e < 4; e++)
                 if (8 * n + (e & 1) > lim + 8 * (e >> 1)) s[n][e] = NEG_INF;
@@ -171,6 +172,8 @@ __device__ __forceinline__ void fa9_forward(bf16* __restrict__ out, float* __res
         const unsigned tK = sK + (j & 1) * KV_BYTES, tV = sV + (j & 1) * KV_BYTES;
         if (BC == 128 && k0 + 64 > wrow0 + 63)  // keys k0 + 64 on follow every row: half a tile
             fa9_tile<64>(o, m, l, sQw, tK, tV, k0, row0, g, t);
+        else if (BC == 128 && k0 + 64 == wrow0)  // the diagonal in keys k0 + 64 on: mask those
+            fa9_tile<BC, 8>(o, m, l, sQw, tK, tV, k0, row0, g, t);
         else
             fa9_tile<BC>(o, m, l, sQw, tK, tV, k0, row0, g, t);
     }
@@ -187,12 +190,7 @@ __device__ __forceinline__ void fa9_forward(bf16* __restrict__ out, float* __res
         if (active && t == 0 && row < T)
             lse[(long long)bh * T + row] = (m[hh] * FA_SCALE_LOG2 + __log2f(l[hh])) / FA_LOG2E;
     }
-#pragma unroll
-    for (int n = 0; n < 8; n++) {
-        o[n][0] *= inv[0]; o[n][1] *= inv[0];
-        o[n][2] *= inv[1]; o[n][3] *= inv[1];
-    }
-    fa_stage(q_tile, o, 1.0f, 64 * wg + 16 * warp, lane);
+    fa_stage_rows(q_tile, o, inv, 64 * wg + 16 * warp, lane);  // O / l
     __syncthreads();
     fa_store_tile<BR, NT>(out + ((long long)b * T + q0) * C + h * FA_HS, C, q_end - q0, q_tile);
 }
