@@ -30,6 +30,9 @@ it (FLOPs/token = 6N + 6·L·C·T, N with the padded vocabulary) against 989 TFL
 - PyTorch: tests/torch_gpt2.py (SDPA, flash backend only by default), torch.compile, bf16
   autocast, fp32 weights (the master), fused AdamW with llmc's decay groups, clip_grad_norm_;
   memory = torch.cuda.max_memory_allocated (reserved also printed).
+- --card (default): nvidia-smi samples the SM clock and power every 200 ms (bench/power.py);
+  each run reports their means over its timed steps and the share of samples at the power
+  limit, the regime its tokens/s was measured in (the H200 meets its 700 W limit training d12).
 - --profile: one extra llmc step with CUDA events around every op call, summed per family
   (encoder, layernorm, matmul, attention, gelu, classifier, adamw; other = the step's GPU time
   outside them: memsets, the loss mean, gaps). The events add host time per launch, so the
@@ -54,6 +57,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 PEAK_BF16 = 989e12  # H100 SXM dense bf16, llm.c's MFU reference
+CARD = {"sampler": None}  # bench.power.PowerSampler while main() runs with --card
 FAMILIES = {  # family -> (module under llmc.ops, launchers wrapped by --profile)
     "encoder": ("encoder", ("encoder_forward", "encoder_backward")),
     "layernorm": ("layernorm", ("layernorm_forward", "fused_residual_layernorm_forward",
@@ -102,6 +106,8 @@ def parse_args(argv=None):
     ap.add_argument("--fp8-fast-accum", type=int, default=1, choices=(0, 1),
                     help="with --fp8: cuBLASLt fast accumulation in the forward products")
     ap.add_argument("--profile", action="store_true", help="per-family time of one llmc step")
+    ap.add_argument("--card", action=argparse.BooleanOptionalAction, default=True,
+                    help="sample the SM clock and power (nvidia-smi) during each timed run")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--seed", type=int, default=1337)
     args = ap.parse_args(argv)
@@ -150,13 +156,15 @@ def timed_run(name, runner, args, mc, setup: str, B: int) -> dict:
     print(f"{name.split()[0]}: warm-up {args.warmup} steps {time.perf_counter() - t0:.1f}s "
           f"({setup})", flush=True)
     losses = []
-    t0 = time.perf_counter()
+    m0, t0 = time.monotonic(), time.perf_counter()
     for _ in range(args.steps):
         losses.append(runner.step())
     seconds = time.perf_counter() - t0
+    m1 = time.monotonic()
     tokens = args.steps * args.grad_accum * B * args.seq_len
     out = summarize(name, tokens, seconds, mc, args.seq_len, losses, runner.memory())
     out["ms_per_step"] = 1e3 * seconds / args.steps
+    out["card"] = None if CARD["sampler"] is None else CARD["sampler"].window(m0, m1)
     return out
 
 
@@ -376,6 +384,12 @@ def report(results: dict) -> str:
                      f"{r['first_loss']:8.4f}->{r['last_loss']:.4f}")
     for q in results["ratios"]:
         lines.append(q["text"])
+    cards = [(r["name"], r.get("card")) for r in results["llmc"] + results["torch"]]
+    if any(c for _, c in cards):
+        from bench.power import describe
+        lines.append("SM clock and power during the timed steps (mean; capped: share of samples "
+                     "at the power limit):")
+        lines.extend(f"  {name:24s} {describe(c) or 'no samples'}" for name, c in cards)
     for r in results["llmc"]:
         if "profile" not in r:
             continue
@@ -434,6 +448,19 @@ def main(argv=None) -> int:
                "grad_accum": args.grad_accum, "steps": args.steps,
                "classifier_chunks": args.classifier_chunks, "graphs": args.graphs,
                "flops_per_token": flops_per_token(mc, args.seq_len), "llmc": [], "torch": []}
+    if args.card:
+        import cupy
+        from bench.power import PowerSampler
+        CARD["sampler"] = PowerSampler.start(cupy.cuda.Device().pci_bus_id)
+    try:
+        return run_all(args, mc, results)
+    finally:
+        if CARD["sampler"] is not None:
+            CARD["sampler"].stop()
+            CARD["sampler"] = None
+
+
+def run_all(args, mc, results) -> int:
     for B in args.batch_size:
         for recompute in args.recompute:
             for chunks in args.classifier_chunks:
