@@ -119,7 +119,7 @@ template <int NWG, int BC>
 __device__ __forceinline__ void fa9_forward(bf16* __restrict__ out, float* __restrict__ lse,
                                             const bf16* __restrict__ qkv, int B, int T, int NH) {
     static_assert(BC == 64 || BC == 128, "key tiles of 64 or 128");
-    constexpr int BR = 64 * NWG, NT = 128 * NWG, NS = BC / 8;
+    constexpr int BR = 64 * NWG, NT = 128 * NWG;
     constexpr unsigned KV_BYTES = (BC / FA_TILE) * FA_TILE_BYTES;  // BC rows of 128 bytes
     const FaTile tile = fa_query_tile(BR, T, NH);
     const int bh = tile.bh, q0 = tile.lo, q_end = tile.hi;
