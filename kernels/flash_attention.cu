@@ -70,38 +70,9 @@ __device__ __forceinline__ void flash_forward(bf16* __restrict__ out, float* __r
         unsigned qf[4][4];  // reloaded per tile: 4 ldmatrix against 32 for K, and 16 registers free
         fa_load_a(qf, sQ, 16 * warp, lane);
         fa_mma_tile_t(s, qf, sK + (j & 1) * FA_TILE_BYTES, lane);
-        if (k0 + FA_TILE - 1 > row0) {  // the tile crosses this warp's diagonal
-            // key k0 + 8n + 2t + (e & 1) follows row row0 + g + 8 (e >> 1) when the tile column
-            // 8n + (e & 1) (a constant) exceeds lim + 8 (e >> 1)
-            const int lim = row0 + g - k0 - 2 * t;
-#pragma unroll
-            for (int n = 0; n < 8; n++)
-#pragma unroll
-                for (int e = 0; e < 4; e++)
-                    if (8 * n + (e & 1) > lim + 8 * (e >> 1)) s[n][e] = NEG_INF;
-        }
-#pragma unroll
-        for (int hh = 0; hh < 2; hh++) {
-            float mx = m[hh];
-#pragma unroll
-            for (int n = 0; n < 8; n++) mx = fmaxf(mx, fmaxf(s[n][2 * hh], s[n][2 * hh + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float mc = mx * FA_SCALE_LOG2;
-            const float corr = fa_exp2(m[hh] * FA_SCALE_LOG2 - mc);  // 0 on the first tile
-            m[hh] = mx;
-            float sum = 0.0f;
-#pragma unroll
-            for (int n = 0; n < 8; n++) {
-#pragma unroll
-                for (int e = 2 * hh; e < 2 * hh + 2; e++) {
-                    s[n][e] = fa_exp2(fmaf(s[n][e], FA_SCALE_LOG2, -mc));
-                    sum += s[n][e];
-                    o[n][e] *= corr;
-                }
-            }
-            l[hh] = l[hh] * corr + sum;
-        }
+        if (k0 + FA_TILE - 1 > row0)  // the tile crosses this warp's diagonal
+            fa_mask_scores(s, row0 + g - k0 - 2 * t);
+        fa_softmax_tile(s, m, l, o);
         unsigned pf[4][4];
         fa_c_to_a(pf, s);
         fa_mma_tile(o, pf, sV + (j & 1) * FA_TILE_BYTES, lane);

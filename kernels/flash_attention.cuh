@@ -261,14 +261,65 @@ __device__ __forceinline__ void fa_mma_tile(float acc[8][4], const unsigned a[4]
     }
 }
 
-// The C fragments of a 16 x 64 strip, rounded to bf16, as the A fragments of the next product.
-__device__ __forceinline__ void fa_c_to_a(unsigned a[4][4], const float c[8][4]) {
+// The C fragments of a 16 x 16K strip, rounded to bf16, as the A fragments of the next product
+// (k16 slice kk from column groups 2kk and 2kk + 1).
+template <int K>
+__device__ __forceinline__ void fa_c_to_a(unsigned (&a)[K][4], const float (&c)[2 * K][4]) {
 #pragma unroll
-    for (int kk = 0; kk < 4; kk++) {
+    for (int kk = 0; kk < K; kk++) {
         a[kk][0] = fa_pack(c[2 * kk][0], c[2 * kk][1]);
         a[kk][1] = fa_pack(c[2 * kk][2], c[2 * kk][3]);
         a[kk][2] = fa_pack(c[2 * kk + 1][0], c[2 * kk + 1][1]);
         a[kk][3] = fa_pack(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+    }
+}
+
+// The forwards' causal mask on a tile of scores that crosses the diagonal (accumulator layout:
+// s[n][e] is row r + 8 (e >> 1), column 8n + 2t + (e & 1) of the tile): the key of tile column
+// 8n + (e & 1) (a constant) + 2t follows the row when that column exceeds lim + 8 (e >> 1), with
+// lim = row0 + g - k0 - 2t for the thread's first row row0 + g and the tile's first key k0.
+// Column groups below N0 precede every row (the caller knows): not tested.
+template <int NS, int N0 = 0>
+__device__ __forceinline__ void fa_mask_scores(float (&s)[NS][4], int lim) {
+#pragma unroll
+    for (int n = N0; n < NS; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            if (8 * n + (e & 1) > lim + 8 * (e >> 1)) s[n][e] = NEG_INF;
+}
+
+// The forwards' online softmax over one tile of scores s (NS column groups of the thread's two
+// rows): the running max m grows to the tile's (shared by the row's 4 lanes), s becomes
+// P = 2^(s * FA_SCALE_LOG2 - m * FA_SCALE_LOG2), and O and this lane's share l of the row sum
+// are rescaled to the new max before P's sum is added (corr = 0 on the first tile).
+template <int NS>
+__device__ __forceinline__ void fa_softmax_tile(float (&s)[NS][4], float (&m)[2], float (&l)[2],
+                                                float (&o)[8][4]) {
+#pragma unroll
+    for (int hh = 0; hh < 2; hh++) {
+        float mx = m[hh];
+#pragma unroll
+        for (int n = 0; n < NS; n++) mx = fmaxf(mx, fmaxf(s[n][2 * hh], s[n][2 * hh + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float mc = mx * FA_SCALE_LOG2;
+        const float corr = fa_exp2(m[hh] * FA_SCALE_LOG2 - mc);
+        m[hh] = mx;
+        float sum = 0.0f;
+#pragma unroll
+        for (int n = 0; n < NS; n++) {
+#pragma unroll
+            for (int e = 2 * hh; e < 2 * hh + 2; e++) {
+                s[n][e] = fa_exp2(fmaf(s[n][e], FA_SCALE_LOG2, -mc));
+                sum += s[n][e];
+            }
+        }
+#pragma unroll
+        for (int n = 0; n < 8; n++) {
+            o[n][2 * hh] *= corr;
+            o[n][2 * hh + 1] *= corr;
+        }
+        l[hh] = l[hh] * corr + sum;
     }
 }
 

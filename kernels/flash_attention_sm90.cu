@@ -70,50 +70,11 @@ __device__ __forceinline__ void fa9_tile(float (&o)[8][4], float (&m)[2], float 
     constexpr int NS = BC / 8;
     float s[NS][4];
     fa9_scores<BC>(s, q, k);
-    if (k0 + BC - 1 > row0) {  // the tile crosses this warp's diagonal
-        // key k0 + 8n + 2t + (e & 1) follows row row0 + g + 8 (e >> 1) when the tile column
-        // 8n + (e & 1) (a constant) exceeds lim + 8 (e >> 1)
-        const int lim = row0 + g - k0 - 2 * t;
-#pragma unroll
-        for (int n = N0; n < NS; n++)
-#pragma unroll
-            for (int e = 0; e < 4; e++)
-                if (8 * n + (e & 1) > lim + 8 * (e >> 1)) s[n][e] = NEG_INF;
-    }
-#pragma unroll
-    for (int hh = 0; hh < 2; hh++) {
-        float mx = m[hh];
-#pragma unroll
-        for (int n = 0; n < NS; n++) mx = fmaxf(mx, fmaxf(s[n][2 * hh], s[n][2 * hh + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float mc = mx * FA_SCALE_LOG2;
-        const float corr = fa_exp2(m[hh] * FA_SCALE_LOG2 - mc);  // 0 on the first tile
-        m[hh] = mx;
-        float sum = 0.0f;
-#pragma unroll
-        for (int n = 0; n < NS; n++) {
-#pragma unroll
-            for (int e = 2 * hh; e < 2 * hh + 2; e++) {
-                s[n][e] = fa_exp2(fmaf(s[n][e], FA_SCALE_LOG2, -mc));
-                sum += s[n][e];
-            }
-        }
-#pragma unroll
-        for (int n = 0; n < 8; n++) {
-            o[n][2 * hh] *= corr;
-            o[n][2 * hh + 1] *= corr;
-        }
-        l[hh] = l[hh] * corr + sum;
-    }
+    if (k0 + BC - 1 > row0)  // the tile crosses this warp's diagonal
+        fa_mask_scores<NS, N0>(s, row0 + g - k0 - 2 * t);
+    fa_softmax_tile<NS>(s, m, l, o);
     unsigned p[BC / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < BC / 16; kk++) {
-        p[kk][0] = fa_pack(s[2 * kk][0], s[2 * kk][1]);
-        p[kk][1] = fa_pack(s[2 * kk][2], s[2 * kk][3]);
-        p[kk][2] = fa_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        p[kk][3] = fa_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-    }
+    fa_c_to_a(p, s);
     fa9_pv<BC>(o, p, v);
 }
 
