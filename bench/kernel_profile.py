@@ -12,7 +12,9 @@ the gaps between consecutive kernels (by size), the kernel pairs with the most g
 them, and every kernel name with its time and launches per step, slowest first. The difference
 between the wall time and the kernel time is what fusing kernels cannot win back: launch gaps
 inside the graph, and the step boundary (the sync that reads the loss, the host's next launches;
-CUPTI's own overhead inflates the latter under the profiler).
+CUPTI's own overhead inflates the latter under the profiler). The card's mean SM clock and power
+over the timed and over the profiled steps close the report (--card, bench/power.py): at the
+power limit the clock moves between the two, and with it every kernel's time.
 
 Needs a CUDA GPU and PyTorch (the profiler only; nothing of llmc's training uses it).
 """
@@ -37,6 +39,8 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=5, help="profiled steps")
     ap.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--fp8", action="store_true")
+    ap.add_argument("--card", action=argparse.BooleanOptionalAction, default=True,
+                    help="the SM clock and power (nvidia-smi) of the timed and profiled steps")
     ap.add_argument("--out", type=Path, default=None, help="also write the report here")
     args = ap.parse_args(argv)
     for name in ("batch_size", "seq_len", "steps"):
@@ -95,18 +99,30 @@ def main(argv=None) -> int:
     runner = LlmcRunner(mc, args.batch_size, args.seq_len, graphs=args.graphs, fp8=args.fp8)
     for _ in range(4):
         runner.step()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        runner.step()
-    wall = (time.perf_counter() - t0) / 10
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.steps):
+    import cupy
+    from bench.power import PowerSampler, describe
+    sampler = PowerSampler.start(cupy.cuda.Device().pci_bus_id) if args.card else None
+    try:
+        m0, t0 = time.monotonic(), time.perf_counter()
+        for _ in range(10):
             runner.step()
+        wall = (time.perf_counter() - t0) / 10
+        m1 = time.monotonic()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                runner.step()
+        m2 = time.monotonic()
+        cards = ("" if sampler is None else
+                 f"card: timed steps {describe(sampler.window(m0, m1)) or 'no samples'}; "
+                 f"profiled steps {describe(sampler.window(m1, m2)) or 'no samples'}\n")
+    finally:
+        if sampler is not None:
+            sampler.stop()
     kernels = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                if e.device_type.name == "CUDA"]
     title = (f"llmc {args.model} B={args.batch_size} T={args.seq_len} graphs={args.graphs}"
              + (" fp8" if args.fp8 else ""))
-    text = report(kernels, args.steps, wall, args.batch_size * args.seq_len, title)
+    text = report(kernels, args.steps, wall, args.batch_size * args.seq_len, title) + cards
     print(text, end="")
     if args.out is not None:
         args.out.write_text(text)

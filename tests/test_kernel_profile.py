@@ -42,3 +42,8 @@ def test_arguments():
     assert args.batch_size == 24 and args.graphs is False and args.steps == 5
     with pytest.raises(SystemExit):
         kernel_profile.parse_args(["--steps", "0"])
+
+
+def test_card_sampling_is_on_unless_asked_off():
+    assert kernel_profile.parse_args([]).card is True
+    assert kernel_profile.parse_args(["--no-card"]).card is False
