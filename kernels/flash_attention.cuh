@@ -323,8 +323,8 @@ __device__ __forceinline__ void fa_softmax_tile(float (&s)[NS][4], float (&m)[2]
     }
 }
 
-// Write scale * C (a 16 x 64 strip at tile rows r0..r0+15) as bf16 into a swizzled tile.
-// fa_stage with a scale per row of the thread's pair: scale[h] for row r0 + g + 8h.
+// Write C (a 16 x 64 strip at tile rows r0..r0+15) as bf16 into a swizzled tile, scaled per row
+// of the thread's pair: scale[h] for row r0 + g + 8h.
 __device__ __forceinline__ void fa_stage_rows(unsigned char* tile, const float c[8][4],
                                               const float scale[2], int r0, int lane) {
     const int g = lane >> 2, t = lane & 3;
@@ -338,6 +338,7 @@ __device__ __forceinline__ void fa_stage_rows(unsigned char* tile, const float c
         }
     }
 }
+// The same with one scale for the whole strip.
 __device__ __forceinline__ void fa_stage(unsigned char* tile, const float c[8][4], float scale,
                                          int r0, int lane) {
     const float both[2] = {scale, scale};
