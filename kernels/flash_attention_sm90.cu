@@ -175,8 +175,8 @@ typedef __nv_bfloat16 bf16;
 // cuDNN's 0.294-0.296 (docs/RESULTS.md, fifth part); with descriptors in uniform registers,
 // half-width diagonal tiles and per-thread stepping source pointers, 129.4 M warp instructions
 // (cuDNN's: 129.9 M) and 0.317 ms against cuDNN's 0.299 timed in alternation (sixth part).
-// Shared memory per block: 8 KiB (Q) +
-// 4 * 128 * BC (K and V, two buffers) + 1 KiB (alignment slack).
+// Shared memory per block: 8 KiB (Q) + 4 * 128 * BC (K and V, two buffers) + 1 KiB (alignment
+// slack).
 extern "C" __global__ void __launch_bounds__(128, 3)
 flash_attention_forward_sm90_w1n128(bf16* __restrict__ out, float* __restrict__ lse,
                                     const bf16* __restrict__ qkv, int B, int T, int NH) {
