@@ -12,7 +12,8 @@ compiled under its own module cache (llmc.kernels' source directory and both cac
    implementation, at (B, T) = (2, 1024), (3, 1000), (3, 333), (2, 65), (1, 17) (NH=12, HS=64).
    A change meant to keep the arithmetic must print "bitwise: all equal".
 2. Timing: for each B (T=1024) and implementation, forward, backward and forward + backward of
-   every tree and of PyTorch's SDPA cuDNN backend (sm90 rows), timed in alternation
+   every tree and of PyTorch's SDPA cuDNN backend (sm90 rows; "sm90:<variant>" names a forward
+   variant of llmc.ops.flash_attention.SM90_VARIANTS), timed in alternation
    (bench.timing.alternate: every round runs each of them in turn, starting one further along),
    medians of --rounds rounds, and each tree's ratio to cuDNN. Training GPT-2 holds an H200 at its
    power limit and its clock moves while it warms: only alternated medians compare.
@@ -53,16 +54,17 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("trees", nargs="+", help="kernel directories or git revisions")
     ap.add_argument("--impls", default="sm90,sm80",
-                    help="comma list of sm90 and sm80 (default both; sm90 needs a 9.0 device)")
+                    help="comma list of sm90, sm90:<variant> and sm80 (default sm90,sm80; sm90 "
+                         "needs a 9.0 device)")
     ap.add_argument("--sizes", type=int_list, default=[64, 16], help="batch sizes to time")
     ap.add_argument("--rounds", type=int, default=3, help="alternated rounds per timing")
     ap.add_argument("--cudnn", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     args.impls = args.impls.split(",")
-    bad = [i for i in args.impls if i not in ("sm90", "sm80")]
+    bad = [i for i in args.impls if i != "sm80" and i.partition(":")[0] != "sm90"]
     if bad:
-        ap.error(f"--impls: {bad} are not implementations (sm90, sm80)")
+        ap.error(f"--impls: {bad} are not implementations (sm90, sm90:<variant>, sm80)")
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
     return args
@@ -104,18 +106,18 @@ def names_for(specs: list) -> list:
 def report(rows: list, bitwise: list) -> str:
     """rows: {"B", "impl", "tree", "fwd", "bwd", "fb"} medians (ms); bitwise: (impl, tree, B, T,
     [out, lse, dqkv equal]). The text summary: the bitwise verdict and one line per tree and
-    configuration, with its ratio to cuDNN's row of the same B where there is one."""
+    configuration, with its ratio to the cuDNN row timed beside it (same B and implementation)."""
     lines = []
     diffs = [b for b in bitwise if not all(b[4])]
     lines.append("bitwise: all equal" if not diffs else
                  "bitwise: DIFFERENT in " + "; ".join(
                      f"{impl} {tree} B={B} T={T} (out, lse, dqkv equal: {eq})"
                      for impl, tree, B, T, eq in diffs))
-    cudnn = {r["B"]: r for r in rows if r["tree"] == "cudnn"}
+    cudnn = {(r["B"], r["impl"]): r for r in rows if r["tree"] == "cudnn"}
     for r in rows:
         text = (f"B={r['B']:<3d} {r['impl']} {r['tree']:14s} fwd {r['fwd']:.4f}  "
                 f"bwd {r['bwd']:.4f}  fwd+bwd {r['fb']:.4f} ms")
-        c = cudnn.get(r["B"])
+        c = cudnn.get((r["B"], r["impl"]))
         if c is not None and r["tree"] != "cudnn":
             text += f"   / cuDNN: fwd {r['fwd'] / c['fwd']:.3f}  fwd+bwd {r['fb'] / c['fb']:.3f}"
         lines.append(text)
@@ -169,7 +171,8 @@ def main(argv=None) -> int:
     from bench.timing import alternate, device_randn
     from llmc.ops import BF16
     from llmc.ops import flash_attention as fa
-    if "sm90" in args.impls and cupy.cuda.Device().compute_capability != "90":
+    if (any(i.startswith("sm90") for i in args.impls)
+            and cupy.cuda.Device().compute_capability != "90"):
         print("--impls sm90 needs a compute capability 9.0 device", file=sys.stderr)
         return 2
     C = NH * HS
@@ -242,7 +245,7 @@ def main(argv=None) -> int:
                     make(name, "fb")()
                 fns = {(name, part): make(name, part) for name in dirs
                        for part in ("fwd", "bwd", "fb")}
-                if peer is not None and impl == "sm90":
+                if peer is not None and impl.startswith("sm90"):
                     fns[("cudnn", "fwd")], fns[("cudnn", "fb")] = peer
                 med = alternate(fns, rounds=args.rounds)
                 for name in list(dirs) + (["cudnn"] if ("cudnn", "fwd") in fns else []):
