@@ -1,8 +1,9 @@
 // wgmma machinery of causal flash attention on Hopper (sm_90a), shared by
 // flash_attention_sm90.cu (forward) and flash_attention_sm90_bwd.cu (backward): shared-memory
 // descriptors, the m64nNk16 bf16 products the kernels use, and the layouts they rely on. Only
-// included under __CUDA_ARCH_FEAT_SM90_ALL. The shared tiles are those of flash_attention.cuh
-// (64-element rows, 16-byte chunks XOR-swizzled by row % 8), aligned to 1024 bytes.
+// included under __CUDA_ARCH_FEAT_SM90_ALL. The shared tiles are those of
+// flash_attention_tiles.cuh (64-element rows, 16-byte chunks XOR-swizzled by row % 8), aligned
+// to 1024 bytes.
 //
 // Layouts relied on (PTX ISA, "Asynchronous Warpgroup Level Matrix" sections):
 // - A shared tile of 64-element bf16 rows (128 bytes) is stored with 16-byte chunk c of row r at
