@@ -35,18 +35,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.e2e import int_list  # noqa: E402  (the comma lists of bench/e2e.py)
+
 SHAPES = ((2, 1024), (3, 1000), (3, 333), (2, 65), (1, 17))
 NH, HS = 12, 64
-
-
-def int_list(text: str) -> list:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}")
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 def parse_args(argv=None):
@@ -67,6 +59,8 @@ def parse_args(argv=None):
         ap.error(f"--impls: {bad} are not implementations (sm90, sm90:<variant>, sm80)")
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
+    if min(args.sizes) < 1:
+        ap.error(f"--sizes: batch sizes must be >= 1, got {args.sizes}")
     return args
 
 
